@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models (Llama, Qwen2, Mistral) with a tiny BPE tokenizer, saved as
+ordinary Hugging Face model directories, and the real default model for `slow` tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Write a short poem about the sea and the sky and the stars.",
+    "def add(a, b):\n    return a + b\n",
+    "Speculative decoding drafts tokens and the target verifies them in one forward pass.",
+    "Hello world! Numbers: 0 1 2 3 4 5 6 7 8 9, and punctuation: ;:?!.,'\"()[]{}",
+] * 4
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def make_config(arch: str, tokenizer, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]
+    return cls(**common)
+
+
+def make_model_dir(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Save a tiny random causal LM with its tokenizer to ``path``; return the path."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer, **overrides))
+    # Larger weights than the default init give peaked, varied next-token distributions.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{arch: directory} of tiny random models, built once per test session."""
+    return {arch: make_model_dir(tmp_path_factory.mktemp(arch), arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_dirs):
+    return tiny_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from turbolm import load_target
+
+    return load_target(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from turbolm import load_target
+
+    return load_target()

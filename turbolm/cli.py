@@ -1,0 +1,211 @@
+"""The ``turbolm`` command: a thin layer that parses flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+
+from .errors import TurboLMError
+
+DEMO_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short poem about the sea.",
+    "Explain in three sentences why the sky is blue.",
+]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable); not included in the output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbolm", description="Faster inference for Hugging Face causal language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an answer to a prompt, streamed to the terminal")
+    g.add_argument("--prompt", required=True, help="the user prompt ('-' reads it from standard input)")
+    g.add_argument("--system", default=None, help="optional system message")
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, statistics) instead of streaming")
+    _add_model_args(g)
+    _add_sampling_args(g)
+
+    i = sub.add_parser("info", help="versions, machine, threads, and the model's details")
+    _add_model_args(i)
+    i.add_argument("--json", action="store_true", help="print as JSON")
+
+    d = sub.add_parser("demo", help="stream answers of the model to three built-in prompts and print tokens/s")
+    _add_model_args(d)
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    return parser
+
+
+def _load(args):
+    from .models import load_target
+
+    return load_target(args.model, dtype=args.dtype, device=args.device)
+
+
+def _sampling(args):
+    from .generation import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    from .chat import encode_prompt
+    from .generation import generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = _sampling(args)
+    if not prompt.strip():
+        raise TurboLMError("empty prompt: give some text with --prompt")
+    model, tokenizer = _load(args)
+    ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
+    result = generate(
+        model, tokenizer, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+        on_text=None if args.json else _stream_to_stdout,
+    )
+    if args.json:
+        d = result.to_dict()
+        d.update(model=str(model.turbolm_source.name), method="vanilla")
+        print(json.dumps(d))
+    else:
+        print()
+        print(
+            f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s, "
+            f"finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "turbolm": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cmd_info(args) -> int:
+    from .generation import context_length
+    from .models import cache_root
+
+    info = machine_info()
+    info["cache"] = str(cache_root())
+    model, tokenizer = _load(args)
+    src = model.turbolm_source
+    info["model"] = {
+        "name": src.name,
+        "source": f"{src.kind}: {src.path}",
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "vocab_size": getattr(model.config, "vocab_size", None),
+        "context_length": context_length(model, tokenizer),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            if isinstance(v, dict):
+                print(f"{k}:")
+                for k2, v2 in v.items():
+                    print(f"  {k2:<15} {v2}")
+            else:
+                print(f"{k:<17} {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .chat import encode_prompt
+    from .generation import generate
+
+    model, tokenizer = _load(args)
+    print(f"turbolm demo: {model.turbolm_source.name} ({str(model.dtype).replace('torch.', '')}, {model.device}), greedy, "
+          f"up to {args.max_new_tokens} new tokens per answer\n")
+    total_tokens, total_seconds = 0, 0.0
+    for prompt in DEMO_PROMPTS:
+        print(f">>> {prompt}")
+        result = generate(model, tokenizer, encode_prompt(tokenizer, prompt), max_new_tokens=args.max_new_tokens,
+                          on_text=_stream_to_stdout)
+        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]\n")
+        total_tokens += result.new_tokens
+        total_seconds += result.seconds
+    print(f"vanilla decoding: {total_tokens} tokens in {total_seconds:.1f} s = {total_tokens / total_seconds:.1f} tokens/s")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    _quiet_transformers()
+    try:
+        return COMMANDS[args.command](args)
+    except TurboLMError as e:
+        print(f"turbolm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nturbolm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    """Progress bars and advisory warnings from transformers would clutter a streamed answer."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
