@@ -58,3 +58,35 @@ def test_info_json(capsys, tiny_dir):
     d = json.loads(out)
     assert rc == 0 and d["torch_threads"] >= 1 and d["model"]["architecture"] == "LlamaForCausalLM"
     assert d["model"]["context_length"] == 512 and d["model"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("method", ["prompt-lookup", "model"])
+def test_generate_speculative_json(capsys, tiny_dir, method):
+    base = ["generate", "--prompt", "sea sky stars sea sky stars sea", "--model", str(tiny_dir), "--max-new-tokens", "20", "--json"]
+    _, out, _ = run_cli(capsys, *base)
+    extra = ["--draft-model", str(tiny_dir)] if method == "model" else []
+    rc, out_spec, _ = run_cli(capsys, *base, "--speculative", method, "--total-tokens", "6", "--depth", "3", "--top-k", "2", *extra)
+    assert rc == 0
+    ref, d = json.loads(out), json.loads(out_spec)
+    assert d["token_ids"] == ref["token_ids"] and d["method"] == method
+    assert d["stats"]["tree"] == {"total_tokens": 6, "depth": 3, "top_k": 2}
+    for key in ("steps", "tokens_per_step_histogram", "draft_seconds", "verify_seconds", "other_seconds"):
+        assert key in d["stats"]
+    if method == "model":  # the target drafting for itself: every proposal is accepted
+        assert d["tau"] > 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--speculative", "prompt-lookup", "--depth", "0"], "invalid tree setting depth=0"),
+        (["--speculative", "prompt-lookup", "--total-tokens", "-3"], "invalid tree setting total_tokens"),
+        (["--speculative", "model"], "needs --draft-model"),
+        (["--depth", "3"], "need --speculative"),
+        (["--draft-model", "x"], "only used with --speculative model"),
+        (["--speculative", "model", "--draft-layers", "5"], "--draft-layers must be in"),
+    ],
+)
+def test_speculative_errors(capsys, tiny_dir, args, message):
+    rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tiny_dir), *args)
+    assert rc == 2 and message in err and err.count("\n") == 1

@@ -28,9 +28,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
+    p.add_argument("--sampling-top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable); not included in the output")
+
+
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("speculative decoding (lossless: the output is the target's own)")
+    s.add_argument("--speculative", choices=["none", "prompt-lookup", "model"], default="none",
+                   help="none: vanilla decoding (default); prompt-lookup: n-gram matches in the context; "
+                        "model: a small draft LM with the same tokenizer (--draft-model)")
+    s.add_argument("--draft-model", default=None, help="draft model directory or .gguf for --speculative model")
+    s.add_argument("--draft-layers", type=int, default=None,
+                   help="for --speculative model without --draft-model: draft with the target's own first N layers")
+    s.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree")
+    s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree")
+    s.add_argument("--top-k", type=int, default=None, help="branches per tree node")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, statistics) instead of streaming")
     _add_model_args(g)
     _add_sampling_args(g)
+    _add_speculative_args(g)
 
     i = sub.add_parser("info", help="versions, machine, threads, and the model's details")
     _add_model_args(i)
@@ -64,7 +78,7 @@ def _load(args):
 def _sampling(args):
     from .generation import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.sampling_top_k, seed=args.seed)
 
 
 def _stream_to_stdout(text: str) -> None:
@@ -80,24 +94,57 @@ def cmd_generate(args) -> int:
     sampling = _sampling(args)
     if not prompt.strip():
         raise TurboLMError("empty prompt: give some text with --prompt")
+    if args.speculative == "model" and not (args.draft_model or args.draft_layers):
+        raise TurboLMError("--speculative model needs --draft-model DIR_OR_GGUF (a small LM with the target's tokenizer) "
+                           "or --draft-layers N (the target's first N layers)")
+    if args.speculative != "model" and (args.draft_model or args.draft_layers):
+        raise TurboLMError("--draft-model / --draft-layers are only used with --speculative model")
     model, tokenizer = _load(args)
     ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
-    result = generate(
-        model, tokenizer, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
-        on_text=None if args.json else _stream_to_stdout,
-    )
+    decode = _decoder(args, model, tokenizer)
+    result = decode(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                    on_text=None if args.json else _stream_to_stdout)
     if args.json:
         d = result.to_dict()
-        d.update(model=str(model.turbolm_source.name), method="vanilla")
+        d.update(model=str(model.turbolm_source.name), method=args.speculative)
         print(json.dumps(d))
     else:
         print()
-        print(
-            f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s, "
-            f"finish: {result.finish_reason}]",
-            file=sys.stderr,
-        )
+        line = f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s"
+        if args.speculative != "none":
+            line += f", tau {result.tau:.2f}"
+        print(f"{line}, finish: {result.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _decoder(args, model, tokenizer):
+    """A ``decode(ids, **kw) -> GenerationResult`` for the chosen method."""
+    from functools import partial
+
+    from .generation import generate
+
+    if args.speculative == "none":
+        if any(v is not None for v in (args.total_tokens, args.depth, args.top_k)):
+            raise TurboLMError("--total-tokens / --depth / --top-k need --speculative prompt-lookup or model")
+        return partial(generate, model, tokenizer)
+    from .models import load_target
+    from .speculative import ModelProposer, PromptLookupProposer, SpeculativeGenerator, TreeConfig
+    from .speculative.proposers.small_model import truncated_draft
+
+    if args.speculative == "prompt-lookup":
+        proposer = PromptLookupProposer()
+    elif args.draft_model:
+        draft, draft_tokenizer = load_target(args.draft_model, dtype=args.dtype, device=args.device)
+        proposer = ModelProposer(draft, draft_tokenizer)
+    else:
+        proposer = ModelProposer(truncated_draft(model, args.draft_layers), tokenizer)
+    d = proposer.default_tree
+    tree = TreeConfig(
+        total_tokens=args.total_tokens if args.total_tokens is not None else d.total_tokens,
+        depth=args.depth if args.depth is not None else d.depth,
+        top_k=args.top_k if args.top_k is not None else d.top_k,
+    )
+    return SpeculativeGenerator(model, tokenizer, proposer, tree).generate
 
 
 def machine_info() -> dict:

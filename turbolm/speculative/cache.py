@@ -1,0 +1,51 @@
+"""KV-cache surgery after a tree verification: keep only the accepted path.
+
+After the tree forward the cache holds the committed prefix followed by every tree
+node. The next step must see the prefix, the root and the accepted nodes only, in
+that order, so the accepted nodes' keys/values are moved up behind the root and the
+rest is dropped. Works on transformers' ``DynamicCache`` of full-attention layers
+(``cache.layers[i].keys / .values`` of shape (batch, kv_heads, seq, head_dim)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def new_tree_cache():
+    """A cache whose every layer keeps all positions, so tree nodes can be dropped afterwards.
+
+    Sliding-window models are still correct: the window is applied by the attention mask.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_length(cache) -> int:
+    return cache.get_seq_length()
+
+
+def keep_only(cache, start: int, keep: list[int]) -> None:
+    """Keep positions ``[:start]`` and then ``start + i`` for each i in ``keep`` (in order)."""
+    m = len(keep)
+    if keep == list(range(m)):  # a prefix of the appended block: a plain truncation
+        truncate(cache, start + m)
+        return
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+            continue
+        idx = torch.tensor(keep, device=layer.keys.device) + start
+        layer.keys[:, :, start : start + m] = layer.keys[:, :, idx]
+        layer.values[:, :, start : start + m] = layer.values[:, :, idx]
+        layer.keys = layer.keys[:, :, : start + m]
+        layer.values = layer.values[:, :, : start + m]
+
+
+def truncate(cache, length: int) -> None:
+    """Drop every position from ``length`` on."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]

@@ -1,0 +1,148 @@
+"""SpeculativeGenerator: prefill -> (propose -> verify -> accept -> compact) ... -> output.
+
+One step: the proposer drafts a tree after the committed context; the target runs
+once over the root and every tree node (tree attention mask, position = depth); the
+acceptance rule keeps the longest path the target agrees with plus the target's own
+next token; the KV cache keeps only that path. Output is exactly the target's own
+(greedy) or distributed as the target's (sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..generation import (
+    GenerationResult,
+    OutputTracker,
+    SamplingParams,
+    check_prompt_length,
+    eos_token_ids,
+    forward,
+    logits_to_probs,
+    next_token,
+)
+from .cache import keep_only, new_tree_cache
+from .proposers.base import Proposer
+from .tree import TreeConfig, tree_attention_mask, tree_position_ids
+from .verify import accept_greedy, accept_sampling
+
+
+class SpeculativeGenerator:
+    """Lossless speculative decoding of ``target`` with any :class:`Proposer` (batch size 1)."""
+
+    def __init__(self, target, tokenizer, proposer: Proposer, tree: TreeConfig | None = None):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.proposer = proposer
+        if tree is not None:
+            proposer.tree = tree
+        proposer.check_compatible(target, tokenizer)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        for _ in self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, on_text):
+            pass
+        return self.result
+
+    def stream(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str]:
+        """Yield the answer's text as it is produced; ``self.result`` holds the statistics afterwards."""
+        pending: list[str] = []
+        with torch.inference_mode():
+            for _ in self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, pending.append):
+                if pending:
+                    yield "".join(pending)
+                    pending.clear()
+        if pending:
+            yield "".join(pending)
+
+    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, stop, on_text):
+        target, device = self.target, self.target.device
+        budget = check_prompt_length(len(prompt), max_new_tokens, target, self.tokenizer)
+        tracker = OutputTracker(self.tokenizer, eos_token_ids(target, self.tokenizer), budget, stop, on_text)
+        generator = sampling.generator(device)
+        histogram: Counter[int] = Counter()
+        draft_s = verify_s = 0.0
+        tree_nodes = 0
+
+        start = time.perf_counter()
+        cache = new_tree_cache()
+        out = forward(target, torch.tensor([prompt], device=device), cache, logits_to_keep=1)
+        forwards = 1
+        prefill_s = time.perf_counter() - start
+        context = prompt + [next_token(out.logits[0, -1], sampling, generator)]
+        done = tracker.push(context[-1:])
+        self.proposer.start(prompt)
+        yield
+        while not done:
+            # The root sits at position len(context) - 1; a node at depth d at len(context) - 1 + d.
+            # A step adds the accepted path plus one bonus token; the budget already fits the context.
+            room = budget - len(tracker.token_ids)
+            t0 = time.perf_counter()
+            tree = self.proposer.propose(context, max_depth=room - 1)
+            tree = tree.limited(room - 1, self.proposer.tree.total_tokens)
+            t1 = time.perf_counter()
+            prefix = len(context) - 1
+            mask = tree_attention_mask(tree, prefix, target.config, target.dtype, device)
+            out = forward(
+                target,
+                torch.tensor([tree.tokens], device=device),
+                cache,
+                attention_mask=mask,
+                position_ids=tree_position_ids(tree, prefix, device),
+            )
+            logits = out.logits[0]
+            forwards += 1
+            if sampling.greedy:
+                path, bonus = accept_greedy(tree, logits.argmax(-1).tolist())
+            else:
+                path, bonus = accept_sampling(tree, lambda i: logits_to_probs(logits[i], sampling), generator)
+            keep_only(cache, prefix, [0] + path)
+            t2 = time.perf_counter()
+            draft_s += t1 - t0
+            verify_s += t2 - t1
+            histogram[len(path) + 1] += 1  # tokens this step, bonus included (its mean is tau)
+            tree_nodes += len(tree) - 1
+            new = [tree.tokens[i] for i in path] + [bonus]
+            context.extend(new)
+            done = tracker.push(new)
+            self.proposer.accepted(context, len(new))
+            yield
+
+        seconds = time.perf_counter() - start
+        steps = forwards - 1
+        self.result = GenerationResult(
+            token_ids=tracker.token_ids,
+            text=tracker.text,
+            prompt_tokens=len(prompt),
+            finish_reason=tracker.finish_reason,
+            target_forwards=forwards,
+            seconds=seconds,
+            prefill_seconds=prefill_s,
+            stats={
+                "method": self.proposer.name,
+                "tree": vars(self.proposer.tree).copy(),
+                "steps": steps,
+                "tokens_per_step_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+                "mean_tree_nodes": tree_nodes / steps if steps else 0.0,
+                "draft_seconds": draft_s,
+                "verify_seconds": verify_s,
+                "other_seconds": seconds - prefill_s - draft_s - verify_s,
+            },
+        )

@@ -1,0 +1,35 @@
+"""The proposer interface: who proposes tokens, separated from who verifies them."""
+
+from __future__ import annotations
+
+from ..tree import Tree, TreeConfig
+
+
+class Proposer:
+    """Proposes a token tree after the committed context; the engine verifies it.
+
+    Lifecycle for one generation: ``start(prompt_ids)``, then per step
+    ``propose(context, max_depth)`` -> ``accepted(context, n_new)``. ``context`` is every
+    committed token (prompt and output so far); its last token is the tree's root,
+    which the target has not seen yet.
+    """
+
+    name = "proposer"
+    #: default tree shape for this proposer (the engine's ``tree`` argument overrides it)
+    default_tree = TreeConfig()
+
+    def __init__(self, tree: TreeConfig | None = None):
+        self.tree = tree or self.default_tree
+
+    def check_compatible(self, target, tokenizer) -> None:
+        """Raise TurboLMError if this proposer cannot serve ``target`` (e.g. another vocabulary)."""
+
+    def start(self, prompt_ids: list[int]) -> None:
+        """A new sequence begins; drop any state from the previous one."""
+
+    def propose(self, context: list[int], max_depth: int) -> Tree:
+        """A tree rooted at ``context[-1]`` with no node deeper than ``max_depth``."""
+        raise NotImplementedError
+
+    def accepted(self, context: list[int], n_new: int) -> None:
+        """The step committed ``n_new`` tokens; ``context`` now ends with them."""
