@@ -56,8 +56,16 @@ def make_config(arch: str, tokenizer, **overrides):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    if arch.startswith("gemma"):  # alternating sliding-window / full layers, soft-capping
+        common.update(num_hidden_layers=4, head_dim=16, sliding_window=24)
     common.update(overrides)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3": transformers.Gemma3TextConfig,
+    }[arch]
     return cls(**common)
 
 

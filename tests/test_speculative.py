@@ -42,6 +42,8 @@ def setups(tiny_dirs, tmp_path_factory):
     dirs["qwen2-mixed-window"] = make_model_dir(
         tmp_path_factory.mktemp("qw"), "qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=1
     )
+    for arch in ("gemma2", "gemma3"):
+        dirs[arch] = make_model_dir(tmp_path_factory.mktemp(arch), arch)
     for name, d in dirs.items():
         arch = name.split("-")[0]
         target, tok = load_target(d)
@@ -55,10 +57,10 @@ def setups(tiny_dirs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mistral-window", "qwen2-mixed-window"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mistral-window", "qwen2-mixed-window", "gemma2", "gemma3"])
 def test_greedy_is_identical_to_vanilla(setups, name):
     target, tok, proposers = setups[name]
-    prompts = PROMPTS if "window" not in name else PROMPTS[:6]
+    prompts = PROMPTS if name in ("llama", "qwen2", "mistral") else PROMPTS[:6]
     taus = collections.defaultdict(list)
     for prompt in prompts:
         ids = encode_prompt(tok, prompt)
@@ -74,8 +76,9 @@ def test_greedy_is_identical_to_vanilla(setups, name):
     assert mean["full"] > 4
 
 
-def test_windowed_vanilla_matches_model_generate(setups):
-    target, tok, _ = setups["qwen2-mixed-window"]
+@pytest.mark.parametrize("name", ["qwen2-mixed-window", "gemma2", "gemma3"])
+def test_windowed_vanilla_matches_model_generate(setups, name):
+    target, tok, _ = setups[name]
     ids = encode_prompt(tok, PROMPTS[0])
     ref = target.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                           max_new_tokens=64, do_sample=False)
