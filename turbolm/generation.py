@@ -286,3 +286,29 @@ def generate(
         seconds=seconds,
         prefill_seconds=prefill_seconds,
     )
+
+
+class FeatureCapture:
+    """Captures the target's last hidden state as the lm_head consumes it (the output of the
+    decoder's final norm) during forwards run inside ``with``. ``features`` holds the latest
+    one, shape (batch, seq, hidden). Works for any decoder with ``get_decoder().norm``."""
+
+    def __init__(self, model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        norm = getattr(decoder, "norm", None)
+        if norm is None:
+            raise TurboLMError(f"cannot find the final norm of {type(model).__name__} to read its features")
+        self.norm = norm
+        self.features: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        self.features = output
+
+    def __enter__(self):
+        self._handle = self.norm.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self._handle = None

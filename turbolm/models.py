@@ -286,3 +286,20 @@ def load_target(
     model.to(dev).eval()
     model.turbolm_source = src
     return model, tokenizer
+
+
+def model_identity(model) -> dict:
+    """What a draft or router trained for ``model`` must match: architecture, sizes, and a hash
+    of the input embedding weights (so two checkpoints of one architecture are told apart)."""
+    emb = model.get_input_embeddings().weight.detach()
+    h = hashlib.sha256()
+    h.update(str(tuple(emb.shape)).encode())
+    h.update(emb.float().cpu().contiguous().numpy().tobytes())
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+        "num_hidden_layers": getattr(model.config, "num_hidden_layers", None),
+        "embedding_sha256": h.hexdigest()[:16],
+    }
