@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 
 from ..generation import (
+    FeatureCapture,
     GenerationResult,
     OutputTracker,
     SamplingParams,
@@ -77,9 +79,22 @@ class SpeculativeGenerator:
         budget = check_prompt_length(len(prompt), max_new_tokens, target, self.tokenizer)
         tracker = OutputTracker(self.tokenizer, eos_token_ids(target, self.tokenizer), budget, stop, on_text)
         generator = sampling.generator(device)
+
+        capture = FeatureCapture(target) if self.proposer.needs_features else nullcontext()
+        with capture:
+            yield from self._loop(prompt, budget, tracker, sampling, generator, capture)
+
+    def _loop(self, prompt, budget, tracker, sampling, generator, capture):
+        target, device = self.target, self.target.device
         histogram: Counter[int] = Counter()
         draft_s = verify_s = 0.0
         tree_nodes = 0
+
+        def features(rows=None):
+            if not self.proposer.needs_features:
+                return None
+            f = capture.features[0]
+            return f if rows is None else f[rows]
 
         start = time.perf_counter()
         cache = new_tree_cache()
@@ -88,7 +103,7 @@ class SpeculativeGenerator:
         prefill_s = time.perf_counter() - start
         context = prompt + [next_token(out.logits[0, -1], sampling, generator)]
         done = tracker.push(context[-1:])
-        self.proposer.start(prompt)
+        self.proposer.start(prompt, features())
         yield
         while not done:
             # The root sits at position len(context) - 1; a node at depth d at len(context) - 1 + d.
@@ -122,7 +137,7 @@ class SpeculativeGenerator:
             new = [tree.tokens[i] for i in path] + [bonus]
             context.extend(new)
             done = tracker.push(new)
-            self.proposer.accepted(context, len(new))
+            self.proposer.accepted(context, len(new), features([0] + path))
             yield
 
         seconds = time.perf_counter() - start

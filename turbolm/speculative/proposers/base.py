@@ -15,6 +15,8 @@ class Proposer:
     """
 
     name = "proposer"
+    #: True if the proposer reads the target's features (final-norm hidden states)
+    needs_features = False
     #: default tree shape for this proposer (the engine's ``tree`` argument overrides it)
     default_tree = TreeConfig()
 
@@ -24,12 +26,15 @@ class Proposer:
     def check_compatible(self, target, tokenizer) -> None:
         """Raise TurboLMError if this proposer cannot serve ``target`` (e.g. another vocabulary)."""
 
-    def start(self, prompt_ids: list[int]) -> None:
-        """A new sequence begins; drop any state from the previous one."""
+    def start(self, prompt_ids: list[int], features=None) -> None:
+        """A new sequence begins; drop any state from the previous one. With ``needs_features``,
+        ``features`` (len(prompt), H) are the target's features at the prompt positions."""
 
     def propose(self, context: list[int], max_depth: int) -> Tree:
         """A tree rooted at ``context[-1]`` with no node deeper than ``max_depth``."""
         raise NotImplementedError
 
-    def accepted(self, context: list[int], n_new: int) -> None:
-        """The step committed ``n_new`` tokens; ``context`` now ends with them."""
+    def accepted(self, context: list[int], n_new: int, features=None) -> None:
+        """The step committed ``n_new`` tokens; ``context`` now ends with them. With
+        ``needs_features``, ``features`` (n_new, H) are the target's features at the positions
+        the verification computed: the previous root and the accepted nodes."""

@@ -36,7 +36,7 @@ class ModelProposer(Proposer):
         if dv != tv:
             raise TurboLMError(f"the draft model's vocabulary ({dv} tokens) does not match the target's ({tv} tokens)")
 
-    def start(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int], features=None) -> None:
         self.cache = new_tree_cache()
         self.n_cached = 0
 

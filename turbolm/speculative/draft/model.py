@@ -1,0 +1,268 @@
+"""The Jakiro draft: one decoder layer on the target's features, with a Mixture-of-Experts FFN.
+
+Input at draft position j: ``fc(concat(embed(x_{j+1}), f_j))`` where ``f_j`` is the target's
+final-norm hidden state at j (or the draft's own prediction of it inside a tree) and ``embed``
+is the target's frozen embedding. One attention block (no input norm: the fc output goes
+straight in), then the FFN. The output predicts ``f_{j+1}``; the target's frozen lm_head turns
+it into the distribution of ``x_{j+2}``.
+
+- ``arch="jakiro"``: the FFN is ``num_experts`` SwiGLU experts (intermediate = hidden size)
+  behind a linear router with ``num_experts + 2`` logits. The first ``num_experts`` weight the
+  top-2 experts (``mixture`` output). The last two weight a *contrastive* output
+  ``x + v_a E_a - v_b E_b`` that predicts the feature two steps ahead (``f_{j+2}``), so the
+  tree's last two levels cost one draft forward. In ``decoupled`` candidate mode each selected
+  expert also gives its own feature ``x + E_e``, hence its own distribution.
+- ``arch="eagle2"``: the same code with one dense SwiGLU FFN and no contrastive branch.
+
+The target's embedding and lm_head are passed in at run time, never stored in a checkpoint.
+An optional reduced draft vocabulary (``draft_vocab``: target ids) restricts the draft's
+lm_head to those rows, which matters when the lm_head dominates a small draft's cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import TurboLMError
+from ...models import model_identity
+
+ARCHS = ("jakiro", "eagle2")
+CANDIDATE_MODES = ("mixture", "decoupled")
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int  # the dense FFN of arch eagle2
+    arch: str = "jakiro"
+    num_experts: int = 2
+    expert_intermediate_size: int = 0  # 0: the hidden size (paper)
+    candidate_mode: str = "mixture"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    draft_vocab_size: int = 0  # 0: the target's full vocabulary
+    target: dict = field(default_factory=dict)  # model_identity() of the target it was trained for
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise TurboLMError(f"unknown draft architecture '{self.arch}'; use one of {', '.join(ARCHS)}")
+        if self.candidate_mode not in CANDIDATE_MODES:
+            raise TurboLMError(f"unknown candidate mode '{self.candidate_mode}'; use mixture or decoupled")
+        if self.arch == "jakiro" and self.num_experts < 2:
+            raise TurboLMError("a Jakiro draft needs at least 2 experts")
+        if self.arch == "eagle2" and self.candidate_mode != "mixture":
+            raise TurboLMError("the EAGLE-2 draft has one FFN: only candidate mode 'mixture' applies")
+        self.expert_intermediate_size = self.expert_intermediate_size or self.hidden_size
+
+    @property
+    def has_contrastive(self) -> bool:
+        return self.arch == "jakiro"
+
+    @classmethod
+    def for_target(cls, target, **overrides) -> DraftConfig:
+        c = target.config
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
+        heads = c.num_attention_heads
+        fields = dict(
+            hidden_size=c.hidden_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(c, "num_key_value_heads", heads) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            intermediate_size=c.intermediate_size,
+            rms_norm_eps=getattr(c, "rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            target=model_identity(target),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (Llama's half-split form) of x: (B, heads, T, d) at positions (B, T)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.float().unsqueeze(-1) * inv  # (B, T, d/2)
+    cos, sin = torch.cat([ang, ang], -1).cos().unsqueeze(1), torch.cat([ang, ang], -1).sin().unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+class KVCache:
+    """The draft's key/value cache: (B, kv_heads, S, head_dim) tensors, grown and trimmed in place."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        return self.k, self.v
+
+    def truncate(self, length: int) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
+
+@dataclass
+class DraftOutput:
+    hidden: torch.Tensor  # (B, T, H): predicted next feature (mixture of experts / dense FFN)
+    contrastive: torch.Tensor | None = None  # (B, T, H): predicted feature two steps ahead
+    expert_hidden: torch.Tensor | None = None  # (B, T, 2, H): the two selected experts' own features
+    expert_weights: torch.Tensor | None = None  # (B, T, 2): their mixture weights
+
+
+class DraftModel(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = c = config
+        H = c.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.q_proj = nn.Linear(H, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, H, bias=False)
+        self.post_attention_norm = RMSNorm(H, c.rms_norm_eps)
+        if c.arch == "eagle2":
+            self.mlp = SwiGLU(H, c.intermediate_size)
+        else:
+            self.experts = nn.ModuleList(SwiGLU(H, c.expert_intermediate_size) for _ in range(c.num_experts))
+            self.router = nn.Linear(H, c.num_experts + 2, bias=False)
+        # Target ids of the draft vocabulary (empty: the full vocabulary).
+        self.register_buffer("draft_vocab", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+
+    # --- the network --------------------------------------------------------------------------
+
+    def forward(self, token_embeds, features, positions, cache: KVCache | None = None, mask=None) -> DraftOutput:
+        """token_embeds, features: (B, T, H); positions: (B, T). ``mask``: bool (B|1, 1, T, S) with
+        True where a query may attend (S = cached + T); None means causal over cache + new tokens."""
+        c = self.config
+        B, T, _ = features.shape
+        x = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], -1))
+        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta)
+        past = len(cache) if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if mask is None and past:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=c.num_attention_heads != c.num_key_value_heads,
+        )
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
+        h = self.post_attention_norm(x)
+        if c.arch == "eagle2":
+            return DraftOutput(hidden=x + self.mlp(h))
+        logits = self.router(h)
+        top = torch.topk(logits[..., : c.num_experts], 2, dim=-1)
+        weights = top.values.softmax(-1)  # (B, T, 2)
+        outs = torch.stack([e(h) for e in self.experts], dim=-2)  # (B, T, E, H)
+        sel = torch.gather(outs, -2, top.indices.unsqueeze(-1).expand(*top.indices.shape, outs.shape[-1]))
+        hidden = x + (weights.unsqueeze(-1) * sel).sum(-2)
+        # Contrastive branch: the second router pair ranks the two selected experts (a first).
+        v = logits[..., c.num_experts :].softmax(-1)
+        a_first = (v[..., 0] >= v[..., 1]).unsqueeze(-1)
+        v_a, v_b = v.max(-1).values.unsqueeze(-1), v.min(-1).values.unsqueeze(-1)
+        e_a = torch.where(a_first, sel[..., 0, :], sel[..., 1, :])
+        e_b = torch.where(a_first, sel[..., 1, :], sel[..., 0, :])
+        contrastive = x + v_a * e_a - v_b * e_b
+        expert_hidden = x.unsqueeze(-2) + sel if c.candidate_mode == "decoupled" else None
+        return DraftOutput(hidden, contrastive, expert_hidden, weights)
+
+    def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of predicted features through the target's lm_head rows."""
+        w = lm_head_weight[self.draft_vocab] if self.draft_vocab.numel() else lm_head_weight
+        return F.linear(hidden.to(w.dtype), w)
+
+    def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.draft_vocab[idx] if self.draft_vocab.numel() else idx
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` atomically (temp files, then rename)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
+        _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=None) -> DraftModel:
+    """Load a draft checkpoint; with ``target``, refuse one trained for a different target."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise TurboLMError(f"{directory} is not a draft checkpoint (needs config.json and model.safetensors)")
+    try:
+        config = DraftConfig(**json.loads((d / "config.json").read_text()))
+    except (TypeError, ValueError) as e:
+        raise TurboLMError(f"{d / 'config.json'} is not a valid draft config: {e}") from None
+    if target is not None:
+        want, have = config.target, model_identity(target)
+        if want != have:
+            diff = ", ".join(f"{k}: draft {want.get(k)!r} vs target {have.get(k)!r}" for k in have if want.get(k) != have.get(k))
+            raise TurboLMError(f"the draft in {directory} was trained for a different target ({diff})")
+    model = DraftModel(config)
+    try:
+        model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise TurboLMError(f"cannot load {d / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+    if dtype is None and target is not None:
+        dtype = target.dtype
+    return model.to(device=device or (target.device if target is not None else "cpu"), dtype=dtype).eval()
