@@ -90,3 +90,22 @@ def test_generate_speculative_json(capsys, tiny_dir, method):
 def test_speculative_errors(capsys, tiny_dir, args, message):
     rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tiny_dir), *args)
     assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": "one two three " * 3} for i in range(20)]))
+    assert main(["draft", "prepare", "--target", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "f"),
+                 "--max-length", "96"]) == 0
+    rc = main(["draft", "train", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "d"), "--target", str(tiny_dir),
+               "--epochs", "1", "--batch-size", "4", "--eval-samples", "4", "--eval-depth", "2", "--max-steps", "2"])
+    assert rc == 0 and "continue with --resume" in capsys.readouterr().out
+    assert main(["draft", "train", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "d"), "--target", str(tiny_dir),
+                 "--epochs", "1", "--batch-size", "4", "--eval-samples", "4", "--eval-depth", "2", "--resume"]) == 0
+    capsys.readouterr()
+    base = ["generate", "--prompt", "Count to 3.", "--model", str(tiny_dir), "--max-new-tokens", "12", "--json"]
+    rc, out, _ = run_cli(capsys, *base)
+    rc2, out2, _ = run_cli(capsys, *base, "--speculative", "jakiro", "--draft", str(tmp_path / "d"), "--candidate-mode", "decoupled")
+    assert rc == rc2 == 0 and json.loads(out)["token_ids"] == json.loads(out2)["token_ids"]
+    rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--speculative", "jakiro", "--draft", str(tmp_path / "d"))
+    assert rc == 2 and "trained for a different target" in err  # the default model is not the tiny target

@@ -35,15 +35,72 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("speculative decoding (lossless: the output is the target's own)")
-    s.add_argument("--speculative", choices=["none", "prompt-lookup", "model"], default="none",
+    s.add_argument("--speculative", choices=["none", "prompt-lookup", "model", "jakiro", "eagle2"], default="none",
                    help="none: vanilla decoding (default); prompt-lookup: n-gram matches in the context; "
-                        "model: a small draft LM with the same tokenizer (--draft-model)")
+                        "model: a small draft LM with the same tokenizer (--draft-model); "
+                        "jakiro / eagle2: a trained feature-level draft (--draft, default: the shipped one)")
+    s.add_argument("--draft", default=None, help="draft checkpoint directory for --speculative jakiro / eagle2")
+    s.add_argument("--candidate-mode", choices=["mixture", "decoupled"], default=None,
+                   help="override a Jakiro draft's candidate mode")
     s.add_argument("--draft-model", default=None, help="draft model directory or .gguf for --speculative model")
     s.add_argument("--draft-layers", type=int, default=None,
                    help="for --speculative model without --draft-model: draft with the target's own first N layers")
     s.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree")
     s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree")
     s.add_argument("--top-k", type=int, default=None, help="branches per tree node")
+
+
+def _add_draft_parser(sub) -> None:
+    dr = sub.add_parser("draft", help="train a speculative-decoding draft on the target's features (EAGLE / Jakiro style)")
+    steps = dr.add_subparsers(dest="draft_command", required=True)
+
+    p = steps.add_parser("prepare", help="run the target over a chat dataset and store its features for draft training")
+    p.add_argument("--target", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help="Alpaca or ShareGPT rows: a JSON list, or one row per line (.jsonl)")
+    p.add_argument("--out", required=True, help="output directory; rerun with the same --out to resume")
+    p.add_argument("--regenerate", action="store_true",
+                   help="the target writes the answers itself (greedy, first user turn), so the draft learns the target's own distribution")
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N rows of the data")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate each sample to this many tokens (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per target forward (default: 8)")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default: 256)")
+    p.add_argument("--regen-max-new-tokens", type=int, default=256, help="longest regenerated answer (default: 256)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+    t = steps.add_parser("train", help="train a Jakiro or EAGLE-2 draft on prepared features (accelerate: "
+                                       "`accelerate launch -m turbolm.cli draft train ...` scales it out)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    _add_train_config_args(t)
+
+
+_TRAIN_HELP = {
+    "data": "a directory written by `turbolm draft prepare`",
+    "out": "checkpoint directory (config.json + model.safetensors, training state, log, loss.png)",
+    "arch": "jakiro (MoE FFN + contrastive branch) | eagle2 (dense FFN)",
+    "candidate_mode": "mixture (one distribution per node) | decoupled (each expert proposes its own candidates)",
+    "draft_vocab_size": "restrict the draft to the N most frequent answer tokens (0 = the full vocabulary)",
+    "max_steps": "stop after this many steps in this invocation (resume later with --resume)",
+    "target": "the target the features came from (default: the embedded SmolLM2-135M-Instruct)",
+    "eval_every": "held-out evaluation every N steps (0 = after each epoch)",
+}
+
+
+def _add_train_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with the dataclass defaults."""
+    import dataclasses
+
+    from .speculative.draft.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            p.add_argument(flag, required=True, help=_TRAIN_HELP.get(f.name))
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, default=list(f.default), help="AdamW betas")
+        else:
+            kind = str if f.default is None else type(f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=(_TRAIN_HELP.get(f.name, "") + f" (default: {f.default})").strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="stream answers of the model to three built-in prompts and print tokens/s")
     _add_model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=96)
+
+    _add_draft_parser(sub)
     return parser
 
 
@@ -99,6 +158,8 @@ def cmd_generate(args) -> int:
                            "or --draft-layers N (the target's first N layers)")
     if args.speculative != "model" and (args.draft_model or args.draft_layers):
         raise TurboLMError("--draft-model / --draft-layers are only used with --speculative model")
+    if args.speculative not in ("jakiro", "eagle2") and (args.draft or args.candidate_mode):
+        raise TurboLMError("--draft / --candidate-mode are only used with --speculative jakiro or eagle2")
     model, tokenizer = _load(args)
     ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
     decode = _decoder(args, model, tokenizer)
@@ -117,6 +178,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _draft_overrides(args) -> dict:
+    return {"candidate_mode": args.candidate_mode} if args.candidate_mode else {}
+
+
 def _decoder(args, model, tokenizer):
     """A ``decode(ids, **kw) -> GenerationResult`` for the chosen method."""
     from functools import partial
@@ -133,6 +198,12 @@ def _decoder(args, model, tokenizer):
 
     if args.speculative == "prompt-lookup":
         proposer = PromptLookupProposer()
+    elif args.speculative in ("jakiro", "eagle2"):
+        from .speculative.draft.model import load_draft, shipped_draft
+        from .speculative.proposers.jakiro import JakiroProposer
+
+        draft = load_draft(args.draft or shipped_draft(args.speculative), model, overrides=_draft_overrides(args))
+        proposer = JakiroProposer(draft, model)
     elif args.draft_model:
         draft, draft_tokenizer = load_target(args.draft_model, dtype=args.dtype, device=args.device)
         proposer = ModelProposer(draft, draft_tokenizer)
@@ -226,7 +297,44 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
+def cmd_draft_prepare(args) -> int:
+    from .speculative.draft.data import prepare_features
+
+    meta = prepare_features(args.target, args.data, args.out, regenerate=args.regenerate, max_samples=args.max_samples,
+                            max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
+                            dtype=args.dtype, device=args.device, regen_max_new_tokens=args.regen_max_new_tokens)
+    line = (f"{args.out}: {meta['samples']} samples, {meta['tokens']} tokens ({meta['loss_tokens']} in answers), "
+            f"{len(meta['shards'])} shard(s)")
+    if meta["skipped"]:
+        line += "; skipped rows: " + ", ".join(f"{n} {reason}" for reason, n in sorted(meta["skipped"].items()))
+    print(line)
+    return 0
+
+
+def cmd_draft_train(args) -> int:
+    import dataclasses
+
+    from .speculative.draft.train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg.betas = tuple(cfg.betas)
+    result = train(cfg, resume=args.resume)
+    if result["finished"]:
+        print(f"{args.out}: draft trained in {result['seconds'] / 60:.1f} min ({result['step']} steps); "
+              f"log {args.out}/train_log.jsonl, curve {args.out}/loss.png")
+    else:
+        print(f"{args.out}: stopped at step {result['step']}; continue with --resume")
+    return 0
+
+
+DRAFT_COMMANDS = {"prepare": cmd_draft_prepare, "train": cmd_draft_train}
+
+
+def cmd_draft(args) -> int:
+    return DRAFT_COMMANDS[args.draft_command](args)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft}
 
 
 def main(argv: list[str] | None = None) -> int:

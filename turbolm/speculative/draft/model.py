@@ -242,15 +242,28 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=None) -> DraftModel:
-    """Load a draft checkpoint; with ``target``, refuse one trained for a different target."""
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
+SHIPPED_DRAFTS = {"jakiro": "jakiro-smollm2-135m", "eagle2": "eagle2-smollm2-135m"}
+
+
+def shipped_draft(arch: str) -> Path:
+    """The draft shipped with turbolm for the default model (trained by the recipe in the README)."""
+    path = SHIPPED / SHIPPED_DRAFTS[arch]
+    if not (path / "model.safetensors").is_file():
+        raise TurboLMError(f"no shipped {arch} draft at {path}; train one (`turbolm draft train`) and pass --draft DIR")
+    return path
+
+
+def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=None, overrides: dict | None = None) -> DraftModel:
+    """Load a draft checkpoint; with ``target``, refuse one trained for a different target.
+    ``overrides`` changes inference-only settings (``candidate_mode``)."""
     from safetensors.torch import load_file
 
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise TurboLMError(f"{directory} is not a draft checkpoint (needs config.json and model.safetensors)")
     try:
-        config = DraftConfig(**json.loads((d / "config.json").read_text()))
+        config = DraftConfig(**{**json.loads((d / "config.json").read_text()), **(overrides or {})})
     except (TypeError, ValueError) as e:
         raise TurboLMError(f"{d / 'config.json'} is not a valid draft config: {e}") from None
     if target is not None:

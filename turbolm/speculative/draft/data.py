@@ -1,0 +1,605 @@
+"""Feature preparation for training speculative-decoding drafts (EAGLE / Jakiro style).
+
+A draft learns to continue the target from the target's own final-norm hidden states
+("features"). :func:`prepare_features` turns a chat dataset (Alpaca or ShareGPT rows, as a
+JSON list or JSON Lines) into token ids, a loss mask over the assistant answers and the
+target's feature at every position, stored in safetensors shards that
+:class:`FeatureDataset` reads back for training.
+
+The output directory survives a kill: a shard is renamed into place only when whole, and
+``meta.json``, rewritten atomically after each shard, is the only record of what is done.
+A rerun continues after the last listed shard and writes the same bytes an uninterrupted
+run would, because a shard depends only on its own rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...chat import encode_chat
+from ...errors import TurboLMError
+from ...generation import FeatureCapture, context_length, eos_token_ids
+from ...models import load_target, model_identity
+
+log = logging.getLogger("turbolm")
+
+FORMAT = 1
+META = "meta.json"
+ESTIMATE_ROWS = 200
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Everything that shapes the shards: a resumed run must agree on all of it.
+RESUME_KEYS = ("format", "target", "hidden_size", "features_dtype", "data", "regenerate", "regen_max_new_tokens",
+               "max_length", "chat_template_sha256")
+_OURS = re.compile(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|meta\.json)\.tmp")
+_INVALID_JSON = object()  # a JSON Lines line that does not parse: skipped like any malformed row
+
+
+class SkipRow(Exception):
+    """A row that cannot be used; the message is the reason it is counted under in meta's ``skipped``."""
+
+
+@dataclass
+class _Prompt:
+    messages: list[dict]  # ends with the user turn to answer
+    ids: list[int]
+
+
+@dataclass
+class _Sample:
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+# --- reading rows --------------------------------------------------------------------------------
+
+
+def read_rows(path: str | os.PathLike) -> list:
+    """The rows of a JSON list or a JSON Lines file, in file order.
+
+    A JSON Lines line that does not parse becomes a row that is skipped later: one bad
+    line must not cost the whole file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TurboLMError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TurboLMError(f"cannot read the data file {path}: {e}") from e
+    rows = _json_list(path, text) if path.suffix.lower() != ".jsonl" else None
+    if rows is None:
+        rows = [_json_line(line) for line in text.splitlines() if line.strip()]
+        if all(r is _INVALID_JSON for r in rows):
+            raise TurboLMError(f"{path} is not JSON: expected a list of Alpaca or ShareGPT rows, or one row per line (JSON Lines)")
+    if not rows:
+        raise TurboLMError(f"{path} holds no rows")
+    return rows
+
+
+def _json_list(path: Path, text: str) -> list | None:
+    """The rows of a JSON document, or None if it does not parse (it may be JSON Lines)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, list):
+        raise TurboLMError(f"{path} holds a JSON {type(data).__name__}, not a list of rows (Alpaca or ShareGPT)")
+    return data
+
+
+def _json_line(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return _INVALID_JSON
+
+
+def row_messages(row) -> list[dict]:
+    """The chat in an Alpaca or ShareGPT row as ``[{"role", "content"}, ...]``, ending with its
+    last assistant turn. Raises ``SkipRow`` with the reason for a malformed row."""
+    if row is _INVALID_JSON:
+        raise SkipRow("invalid_json")
+    if not isinstance(row, dict):
+        raise SkipRow("not_an_object")
+    if "conversations" in row:
+        return _sharegpt(row["conversations"])
+    if "instruction" in row:
+        return _alpaca(row)
+    raise SkipRow("missing_keys")
+
+
+def _alpaca(row: dict) -> list[dict]:
+    if "output" not in row:
+        raise SkipRow("missing_keys")
+    instruction, extra, output = row["instruction"], row.get("input"), row["output"]
+    extra = "" if extra is None else extra
+    if not all(isinstance(x, str) for x in (instruction, extra, output)):
+        raise SkipRow("wrong_types")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _sharegpt(turns) -> list[dict]:
+    if not isinstance(turns, list):
+        raise SkipRow("wrong_types")
+    if not turns:
+        raise SkipRow("empty_conversation")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SkipRow("missing_keys")
+        if not isinstance(turn["from"], str) or not isinstance(turn["value"], str):
+            raise SkipRow("wrong_types")
+        role = ROLES.get(turn["from"].lower())
+        if role is None:
+            raise SkipRow("unknown_role")
+        messages.append({"role": role, "content": turn["value"]})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    # Strict alternation from a user turn is the one order every chat template accepts.
+    if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(body)):
+        raise SkipRow("roles_out_of_order")
+    if len(body) < 2:
+        raise SkipRow("no_assistant_turn")
+    return messages[: len(messages) - len(body) % 2]  # a trailing user turn has no answer to learn
+
+
+def first_exchange(messages: list[dict]) -> list[dict]:
+    """The optional system turn, the first user turn and its answer."""
+    return messages[: 3 if messages[0]["role"] == "system" else 2]
+
+
+# --- tokenizing ----------------------------------------------------------------------------------
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        return encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except TemplateError:  # e.g. a template that refuses system turns
+        raise SkipRow("template_error") from None
+
+
+def _is_prefix(short: list[int], long: list[int]) -> bool:
+    return len(short) <= len(long) and long[: len(short)] == short
+
+
+def tokenize_chat(tokenizer, messages: list[dict], eos_ids: set[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and its loss mask: 1 on each assistant turn's content and the
+    end-of-turn token that closes it, 0 elsewhere (system, user, template markup).
+
+    Each answer's span lies between the rendering of the chat before it (with the generation
+    prompt) and the rendering that includes it; this holds for any template as long as the
+    shorter tokenization is a prefix of the longer, which is checked (BPE merges across a
+    boundary break it, and such a row is skipped). Template text after the end-of-turn token
+    (a newline) is never generated, so it is not learnt either.
+    """
+    ids = _render(tokenizer, messages, False)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _render(tokenizer, messages[:i], True)
+        end = _render(tokenizer, messages[: i + 1], False)
+        if not (_is_prefix(start, end) and _is_prefix(end, ids)):
+            raise SkipRow("template_mismatch")
+        closing = [j for j in range(len(start), len(end)) if end[j] in eos_ids]
+        stop = closing[-1] + 1 if closing else len(end)
+        mask[len(start) : stop] = [1] * (stop - len(start))
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        raise SkipRow("no_answer_within_max_length")
+    return ids, mask
+
+
+# --- running the target --------------------------------------------------------------------------
+
+
+def _pad_id(tokenizer, eos_ids: set[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return min(eos_ids) if eos_ids else 0
+
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_ids), tokens)
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                     max_length: int) -> list[str]:
+    """The target's greedy answer to each prompt, batched (left padding), prompts of similar
+    length together. Answer tokens past ``max_length`` would be cut anyway, so a batch stops
+    once its shortest prompt reaches it."""
+    from transformers import GenerationConfig
+
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad = _pad_id(tokenizer, eos_ids)
+    answers: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for r, i in enumerate(batch):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention[r, width - len(prompts[i]) :] = 1
+        # The target's own greedy choice: neutralise logits processors that a checkpoint's
+        # generation_config may switch on (Qwen2.5 ships repetition_penalty 1.05).
+        config = GenerationConfig(
+            max_new_tokens=min(max_new_tokens, max_length - min(len(prompts[i]) for i in batch)),
+            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            pad_token_id=pad, eos_token_id=sorted(eos_ids) or None,
+        )
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                             generation_config=config)
+        for r, i in enumerate(batch):
+            answers[i] = tokenizer.decode(_until_eos(out[r, width:].tolist(), eos_ids), skip_special_tokens=True)
+    return answers
+
+
+@torch.inference_mode()
+def extract_features(model, sequences: list[list[int]], *, batch_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The target's final-norm feature at every position of each sequence, shape [len, hidden],
+    on the CPU in ``dtype``. Batches sequences of similar length with right padding, which a
+    causal model's real positions never see; the padded positions are dropped."""
+    features: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    with FeatureCapture(model) as capture:
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            lengths = [len(sequences[i]) for i in batch]
+            ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for r, i in enumerate(batch):
+                ids[r, : lengths[r]] = torch.tensor(sequences[i])
+                attention[r, : lengths[r]] = 1
+            # logits_to_keep=1: the features are all we need, not [batch, len, vocab] logits.
+            model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device), use_cache=False,
+                  logits_to_keep=1)
+            batch_features = capture.features.to("cpu", dtype)
+            if not torch.isfinite(batch_features).all():
+                raise TurboLMError(f"the target's features overflow {str(dtype).replace('torch.', '')}; "
+                                   "prepare with --dtype bfloat16")
+            for r, i in enumerate(batch):
+                features[i] = batch_features[r, : lengths[r]].clone()  # a view would keep the padded batch alive
+    return features
+
+
+# --- the output directory ------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _write_shard(path: Path, samples: list[_Sample], features: list[torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    lengths = [len(s.input_ids) for s in samples]
+    tensors = {
+        "input_ids": torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.int32),
+        "loss_mask": torch.tensor([m for s in samples for m in s.loss_mask], dtype=torch.uint8),
+        "features": torch.cat(features).contiguous(),
+        "offsets": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    # safetensors creates its files 0600; give shards the mode an ordinary file here (meta.json) has.
+    os.chmod(tmp, (path.parent / META).stat().st_mode & 0o777)
+    os.replace(tmp, path)
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The ``meta.json`` of a prepared feature directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TurboLMError(f"feature directory not found: {directory}")
+    path = directory / META
+    if not path.is_file():
+        raise TurboLMError(f"{directory} is not a prepared feature directory (no {META}); "
+                           "make one with `turbolm draft prepare`")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TurboLMError(f"cannot read {path}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TurboLMError(f"{path} is not a turbolm feature meta file of format {FORMAT}")
+    return meta
+
+
+def _open_out_dir(out: Path, header: dict) -> dict:
+    """The meta to continue from: the directory's own if it was made with the same settings,
+    else a fresh one. Shard files that meta does not list (a killed run's) are removed."""
+    if out.exists() and not out.is_dir():
+        raise TurboLMError(f"--out {out} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / META).is_file():
+        meta = read_meta(out)
+        for key in RESUME_KEYS:
+            if meta.get(key) != header[key]:
+                raise TurboLMError(f"{out} belongs to another preparation ({key} differs: {_short(meta.get(key))} "
+                                   f"there, {_short(header[key])} now); use another --out")
+    else:
+        strangers = sorted(p.name for p in out.iterdir() if not _OURS.fullmatch(p.name))
+        if strangers:
+            raise TurboLMError(f"{out} holds other files ({strangers[0]}, ...) and no {META}; use a new or empty --out")
+        meta = {**header, "rows_total": 0, "rows_done": 0, "samples": 0, "tokens": 0, "loss_tokens": 0,
+                "skipped": {}, "shards": [], "complete": False}
+    listed = {s["file"] for s in meta["shards"]}
+    for p in out.iterdir():
+        if _OURS.fullmatch(p.name) and p.name not in listed:
+            p.unlink()
+    return meta
+
+
+def _short(value) -> str:
+    return "another model" if isinstance(value, dict) else repr(value)
+
+
+def _template_sha(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# --- the preparation -----------------------------------------------------------------------------
+
+
+class _Preparation:
+    """One run over the rows ``meta["rows_done"]:`` of a dataset, shard by shard."""
+
+    def __init__(self, model, tokenizer, rows: list, out: Path, meta: dict, *, batch_size: int, shard_size: int):
+        self.model, self.tokenizer, self.rows, self.out, self.meta = model, tokenizer, rows, out, meta
+        self.batch_size, self.shard_size = batch_size, shard_size
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.features_dtype = getattr(torch, meta["features_dtype"])
+
+    def conversation(self, row) -> list[dict]:
+        messages = row_messages(row)
+        return first_exchange(messages) if self.meta["regenerate"] else messages
+
+    def tokenize(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        return tokenize_chat(self.tokenizer, messages, self.eos_ids, self.meta["max_length"])
+
+    def estimate(self) -> str:
+        """Disk estimate from tokenizing (no model run) up to ESTIMATE_ROWS rows spread over the rest."""
+        start, remaining = self.meta["rows_done"], len(self.rows) - self.meta["rows_done"]
+        picks = range(start, len(self.rows), max(1, remaining // ESTIMATE_ROWS))[:ESTIMATE_ROWS]
+        lengths = []
+        for i in picks:
+            try:
+                lengths.append(len(self.tokenize(self.conversation(self.rows[i]))[0]))
+            except SkipRow:
+                pass
+        if not lengths:
+            return f"estimated disk: unknown (none of {len(picks)} sampled rows is usable)"
+        mean = sum(lengths) / len(lengths)
+        per_token = self.meta["hidden_size"] * self.features_dtype.itemsize + 5  # + int32 id + uint8 mask
+        line = f"estimated disk: {_human_bytes(remaining * mean * per_token)} for {remaining} rows (~{mean:.0f} tokens each)"
+        if self.meta["regenerate"]:
+            line += ", from the dataset's answers' lengths (the target's own answers may differ)"
+        return line
+
+    def run(self, bar) -> None:
+        while self.meta["rows_done"] < len(self.rows):
+            self.next_shard(bar)
+
+    def next_shard(self, bar) -> None:
+        """Prepare rows from ``rows_done`` until ``shard_size`` are usable, write them as one
+        shard (none if every row was skipped), then record it in meta."""
+        start = end = self.meta["rows_done"]
+        skipped: dict[str, int] = {}
+        picked: list = []
+        while end < len(self.rows) and len(picked) < self.shard_size:
+            try:
+                picked.append(self.candidate(end))
+            except SkipRow as s:
+                skipped[str(s)] = skipped.get(str(s), 0) + 1
+                bar.update(1)
+            end += 1
+        samples = self.regenerated(picked, skipped, bar) if self.meta["regenerate"] else picked
+        features = extract_features(self.model, [s.input_ids for s in samples], batch_size=self.batch_size,
+                                    dtype=self.features_dtype)
+        if samples:
+            name = f"shard-{len(self.meta['shards']):05d}.safetensors"
+            _write_shard(self.out / name, samples, features)
+            self.meta["shards"].append({"file": name, "samples": len(samples), "tokens": sum(len(s.input_ids) for s in samples),
+                                        "rows": [start, end]})
+        self.meta["rows_done"] = end
+        self.meta["samples"] += len(samples)
+        self.meta["tokens"] += sum(len(s.input_ids) for s in samples)
+        self.meta["loss_tokens"] += sum(sum(s.loss_mask) for s in samples)
+        for reason, n in skipped.items():
+            self.meta["skipped"][reason] = self.meta["skipped"].get(reason, 0) + n
+        _write_json(self.out / META, self.meta)
+        bar.update(len(samples))
+
+    def candidate(self, i: int) -> _Sample | _Prompt:
+        """Row ``i`` ready for the target: a sample, or with --regenerate the prompt to answer."""
+        if not self.meta["regenerate"]:
+            return _Sample(*self.tokenize(self.conversation(self.rows[i])))
+        messages = self.conversation(self.rows[i])[:-1]
+        ids = _render(self.tokenizer, messages, True)
+        if len(ids) >= self.meta["max_length"]:
+            raise SkipRow("no_answer_within_max_length")
+        return _Prompt(messages, ids)
+
+    def regenerated(self, prompts: list[_Prompt], skipped: dict[str, int], bar) -> list[_Sample]:
+        answers = generate_answers(self.model, self.tokenizer, [p.ids for p in prompts],
+                                   max_new_tokens=self.meta["regen_max_new_tokens"], batch_size=self.batch_size,
+                                   max_length=self.meta["max_length"])
+        samples = []
+        for prompt, answer in zip(prompts, answers):
+            try:
+                samples.append(_Sample(*self.tokenize(prompt.messages + [{"role": "assistant", "content": answer}])))
+            except SkipRow as s:
+                skipped[str(s)] = skipped.get(str(s), 0) + 1
+                bar.update(1)
+        return samples
+
+
+def _check_settings(max_samples, max_length, batch_size, shard_size, regen_max_new_tokens) -> None:
+    for name, value, low in (("max_samples", max_samples, 1), ("max_length", max_length, 2), ("batch_size", batch_size, 1),
+                             ("shard_size", shard_size, 1), ("regen_max_new_tokens", regen_max_new_tokens, 1)):
+        if value is not None and value < low:
+            raise TurboLMError(f"{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def prepare_features(
+    target_source,
+    data_path,
+    out_dir,
+    *,
+    regenerate: bool = False,
+    max_samples: int | None = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    dtype: str = "float32",
+    device: str = "cpu",
+    regen_max_new_tokens: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Run the target over a chat dataset and store, per sample, its token ids, the loss mask
+    over the assistant answers and the target's final-norm features, in shards under ``out_dir``.
+
+    ``target_source`` is what :func:`turbolm.load_target` takes (None: the default model);
+    ``regenerate`` has the target write the answers itself (greedy, up to
+    ``regen_max_new_tokens``, first user turn only) so the draft learns the target's own
+    distribution. ``max_length`` is capped at the target's context. A rerun with the same
+    ``out_dir`` resumes an interrupted run. ``progress`` prints the disk estimate and a
+    progress bar on stderr. Returns the final meta.
+    """
+    from tqdm import tqdm
+
+    _check_settings(max_samples, max_length, batch_size, shard_size, regen_max_new_tokens)
+    data = Path(data_path).expanduser().resolve()
+    rows = read_rows(data)[:max_samples]
+    model, tokenizer = load_target(target_source, dtype=dtype, device=device)
+    ctx = context_length(model, tokenizer)
+    if ctx is not None and max_length > ctx:
+        log.warning("turbolm: --max-length %d exceeds the target's context; using %d", max_length, ctx)
+        max_length = ctx
+    header = {
+        "format": FORMAT,
+        "target": model_identity(model),
+        "hidden_size": model.config.hidden_size,
+        "features_dtype": "bfloat16" if model.dtype == torch.bfloat16 else "float16",
+        "data": str(data),
+        "regenerate": regenerate,
+        "regen_max_new_tokens": regen_max_new_tokens if regenerate else None,
+        "max_length": max_length,
+        "chat_template_sha256": _template_sha(tokenizer),
+    }
+    out = Path(out_dir).expanduser()
+    meta = _open_out_dir(out, header)
+    if meta["complete"]:
+        if progress:
+            print(f"{out} is already complete ({meta['samples']} samples, {meta['tokens']} tokens); nothing to do",
+                  file=sys.stderr)
+        return meta
+    meta["rows_total"] = len(rows)
+    _write_json(out / META, meta)
+    prep = _Preparation(model, tokenizer, rows, out, meta, batch_size=batch_size, shard_size=shard_size)
+    if progress and meta["rows_done"] < len(rows):
+        print(prep.estimate(), file=sys.stderr)
+    with tqdm(total=len(rows), initial=meta["rows_done"], unit="row", desc="features", disable=not progress,
+              file=sys.stderr) as bar:
+        prep.run(bar)
+    meta["complete"] = True
+    _write_json(out / META, meta)
+    return meta
+
+
+# --- reading prepared features -------------------------------------------------------------------
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """The samples of a prepared directory, read lazily: one shard is open (memory-mapped) at a
+    time and only the requested sample's slices are read. ``dataset[i]`` is a dict of
+    ``input_ids`` (long [L]), ``loss_mask`` (bool [L]) and ``features`` (float32 [L, H])."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.meta = read_meta(self.directory)
+        if not self.meta.get("complete"):
+            raise TurboLMError(f"{self.directory} is an unfinished preparation ({self.meta.get('rows_done')} of "
+                               f"{self.meta.get('rows_total')} rows); rerun `turbolm draft prepare` with the same --out to finish it")
+        missing = [s["file"] for s in self.meta["shards"] if not (self.directory / s["file"]).is_file()]
+        if missing:
+            raise TurboLMError(f"{self.directory} lacks {missing[0]}; prepare it again")
+        self._ends = list(itertools.accumulate(s["samples"] for s in self.meta["shards"]))
+        self._open = None  # (shard index, safe_open handle, offsets)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        k = bisect.bisect_right(self._ends, i)
+        handle, offsets = self._shard(k)
+        j = i - (self._ends[k - 1] if k else 0)
+        a, b = offsets[j], offsets[j + 1]
+        return {
+            "input_ids": handle.get_slice("input_ids")[a:b].long(),
+            "loss_mask": handle.get_slice("loss_mask")[a:b].bool(),
+            "features": handle.get_slice("features")[a:b].float(),
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["target"]["vocab_size"]
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample, from the shard offsets (no features are read)."""
+        out = []
+        for k in range(len(self.meta["shards"])):
+            offsets = self._shard(k)[1]
+            out += [b - a for a, b in zip(offsets, offsets[1:])]
+        return out
+
+    def iter_tokens(self):
+        """(input_ids, loss_mask) of each whole shard, for token statistics."""
+        for k in range(len(self.meta["shards"])):
+            handle = self._shard(k)[0]
+            yield handle.get_tensor("input_ids").long(), handle.get_tensor("loss_mask").bool()
+
+    def _shard(self, k: int):
+        if self._open is None or self._open[0] != k:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.directory / self.meta["shards"][k]["file"]), framework="pt")
+            self._open = (k, handle, handle.get_tensor("offsets").tolist())
+        return self._open[1], self._open[2]
+
+    def __getstate__(self):
+        # DataLoader workers pickle the dataset; each opens its own shard handle.
+        return {**self.__dict__, "_open": None}
