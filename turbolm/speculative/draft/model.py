@@ -212,21 +212,34 @@ class DraftModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of predicted features through the target's lm_head rows."""
-        w = lm_head_weight[self.draft_vocab] if self.draft_vocab.numel() else lm_head_weight
-        return F.linear(hidden.to(w.dtype), w)
+        return F.linear(hidden.to(lm_head_weight.dtype), self.head_weight(lm_head_weight))
+
+    def head_weight(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """The target lm_head rows of the draft vocabulary. The target is frozen, so the gathered
+        rows are kept until the weight or the vocabulary changes (it is on every hot path)."""
+        if not self.draft_vocab.numel():
+            return lm_head_weight
+        key = (lm_head_weight.data_ptr(), lm_head_weight._version, lm_head_weight.dtype, self.draft_vocab._version)
+        if getattr(self, "_head_key", None) != key:
+            self._head = lm_head_weight.detach()[self.draft_vocab]
+            self._head_key = key
+        return self._head
 
     def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
         return self.draft_vocab[idx] if self.draft_vocab.numel() else idx
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` atomically (temp files, then rename)."""
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` atomically (temp files, then rename);
+        ``dtype`` stores the floating-point weights in that precision (e.g. float16 to ship)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
         _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
 
@@ -273,7 +286,9 @@ def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=Non
             raise TurboLMError(f"the draft in {directory} was trained for a different target ({diff})")
     model = DraftModel(config)
     try:
-        model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+        state = load_file(str(d / "model.safetensors"))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise TurboLMError(f"cannot load {d / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
     if dtype is None and target is not None:
