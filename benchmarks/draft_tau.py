@@ -15,7 +15,6 @@ import argparse
 import collections
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import make_model_dir
 from turbolm import SamplingParams, TurboLMError, encode_prompt, generate, load_target
 from turbolm.speculative import SpeculativeGenerator, TreeConfig
 from turbolm.speculative.draft.model import DraftConfig, DraftModel, load_draft

@@ -147,7 +147,6 @@ def _stream_to_stdout(text: str) -> None:
 
 def cmd_generate(args) -> int:
     from .chat import encode_prompt
-    from .generation import generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = _sampling(args)

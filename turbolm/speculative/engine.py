@@ -75,11 +75,10 @@ class SpeculativeGenerator:
             yield "".join(pending)
 
     def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, stop, on_text):
-        target, device = self.target, self.target.device
+        target = self.target
         budget = check_prompt_length(len(prompt), max_new_tokens, target, self.tokenizer)
         tracker = OutputTracker(self.tokenizer, eos_token_ids(target, self.tokenizer), budget, stop, on_text)
-        generator = sampling.generator(device)
-
+        generator = sampling.generator(target.device)
         capture = FeatureCapture(target) if self.proposer.needs_features else nullcontext()
         with capture:
             yield from self._loop(prompt, budget, tracker, sampling, generator, capture)

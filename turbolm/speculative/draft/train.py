@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,8 +239,6 @@ def _save_state(out: Path, draft, optimizer, state: dict) -> None:
     _atomic_write(out / "latest.json", lambda p: Path(p).write_text(json.dumps({"state": d.name, "step": state["step"]})))
     for old in out.glob("state-*"):
         if old != d:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
 
