@@ -141,6 +141,21 @@ def float_mask(allowed, q_pos, k_pos, dtype, device, sliding_window: int | None 
     return mask[None, None].to(device)
 
 
+def frontier_attention(frontier: list[int], parents: list[int], slot: dict[int, int], base: int) -> torch.Tensor:
+    """For a draft that feeds a tree level by level into its own cache: which cache entries each
+    frontier node may attend to, (len(frontier), base + len(slot)) bool. Entries 0..base-1 are
+    the committed context (all visible); ``slot[node]`` is the cache entry of a node fed so far
+    (the frontier's included); a node sees its own ancestors' entries and itself."""
+    allowed = torch.zeros(len(frontier), base + len(slot), dtype=torch.bool)
+    allowed[:, :base] = True
+    for j, f in enumerate(frontier):
+        node = f
+        while node > 0:
+            allowed[j, slot[node]] = True
+            node = parents[node]
+    return allowed
+
+
 def tree_position_ids(tree: Tree, prefix_length: int, device) -> torch.Tensor:
     return (prefix_length + torch.tensor(tree.depths, device=device)).unsqueeze(0)
 

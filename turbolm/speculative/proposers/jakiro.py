@@ -20,7 +20,7 @@ import torch
 
 from ...errors import TurboLMError
 from ..draft.model import DraftModel, KVCache
-from ..tree import Tree, TreeConfig, build_dynamic_tree
+from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention
 from .base import Proposer
 
 
@@ -109,13 +109,7 @@ class JakiroProposer(Proposer):
             first = base + len(slot)
             for j, f in enumerate(frontier):
                 slot[f] = first + j
-            allowed = torch.zeros(len(frontier), first + len(frontier), dtype=torch.bool)
-            allowed[:, :base] = True
-            for j, f in enumerate(frontier):
-                node = f
-                while node > 0:
-                    allowed[j, slot[node]] = True
-                    node = parents[node]
+            allowed = frontier_attention(frontier, parents, slot, base)
             o = self._run(
                 [tokens[f] for f in frontier],
                 torch.stack([feature[f] for f in frontier]),

@@ -13,7 +13,7 @@ import torch
 from ...errors import TurboLMError
 from ...generation import forward
 from ..cache import new_tree_cache, truncate
-from ..tree import Tree, TreeConfig, build_dynamic_tree, model_attention_mask
+from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention, model_attention_mask
 from .base import Proposer
 
 
@@ -58,18 +58,10 @@ class ModelProposer(Proposer):
             first = base + len(slot)
             for j, f in enumerate(frontier):
                 slot[f] = first + j
-            # Rows: frontier nodes. Columns: the committed context, then every node fed so far;
-            # a node sees the context and its own ancestors (and itself).
-            allowed = torch.zeros(len(frontier), first + len(frontier), dtype=torch.bool)
-            allowed[:, :base] = True
+            allowed = frontier_attention(frontier, parents, slot, base)
             k_pos = torch.arange(first + len(frontier))
             for f, s in slot.items():
                 k_pos[s] = base - 1 + depths[f]
-            for j, f in enumerate(frontier):
-                node = f
-                while node > 0:
-                    allowed[j, slot[node]] = True
-                    node = parents[node]
             q_pos = torch.tensor([base - 1 + depths[f] for f in frontier])
             mask = model_attention_mask(self.draft.config, allowed, q_pos, k_pos, dtype, device)
             ids = torch.tensor([[tokens[f] for f in frontier]], device=device)
