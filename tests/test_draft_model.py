@@ -102,6 +102,20 @@ def test_checkpoint_round_trip_and_wrong_target(tiny, tmp_path, tiny_dirs):
         load_draft(tmp_path / "ckpt", target)
 
 
+def test_target_identity_across_dtypes_and_checkpoints(tiny, tiny_dir, tmp_path):
+    """A draft trained on the fp32 target loads onto the same weights in bf16 (a GPU run), and
+    is refused for another checkpoint of the same architecture and sizes."""
+    from conftest import make_model_dir
+
+    target, _ = tiny
+    make_draft(target).save(tmp_path / "ckpt")
+    bf16, _ = load_target(tiny_dir, dtype="bfloat16")
+    assert next(load_draft(tmp_path / "ckpt", bf16).parameters()).dtype == torch.bfloat16
+    sibling, _ = load_target(make_model_dir(tmp_path / "sibling", "llama", seed=1))
+    with pytest.raises(TurboLMError, match="embedding weights differ"):
+        load_draft(tmp_path / "ckpt", sibling)
+
+
 def test_invalid_configs(tiny):
     target, _ = tiny
     for bad in ({"arch": "medusa"}, {"candidate_mode": "both"}, {"arch": "eagle2", "candidate_mode": "decoupled"}, {"num_experts": 1}):

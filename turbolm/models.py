@@ -288,9 +288,21 @@ def load_target(
     return model, tokenizer
 
 
+_PROBE_ROWS = 16
+
+
+def _embedding_probe(emb: torch.Tensor) -> list[float]:
+    """Norms of a few fixed embedding rows and the mean |weight|: unchanged (to ~1e-3) when
+    the same checkpoint is loaded in another dtype, different for another checkpoint."""
+    rows = torch.linspace(0, emb.shape[0] - 1, _PROBE_ROWS).long()
+    e = emb[rows.to(emb.device)].float()
+    return [round(float(v), 5) for v in e.norm(dim=-1).cpu()] + [round(float(emb.float().abs().mean()), 6)]
+
+
 def model_identity(model) -> dict:
     """What a draft or router trained for ``model`` must match: architecture, sizes, and a hash
-    of the input embedding weights (so two checkpoints of one architecture are told apart)."""
+    of the input embedding weights (so two checkpoints of one architecture are told apart).
+    ``embedding_probe`` lets :func:`same_target` accept the same weights in another dtype."""
     emb = model.get_input_embeddings().weight.detach()
     h = hashlib.sha256()
     h.update(str(tuple(emb.shape)).encode())
@@ -302,4 +314,26 @@ def model_identity(model) -> dict:
         "vocab_size": model.config.vocab_size,
         "num_hidden_layers": getattr(model.config, "num_hidden_layers", None),
         "embedding_sha256": h.hexdigest()[:16],
+        "embedding_probe": _embedding_probe(emb),
     }
+
+
+_EXACT_KEYS = ("architecture", "model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+
+
+def identity_mismatch(want: dict, model) -> str | None:
+    """None when ``model`` is the target recorded as ``want`` (a model_identity() dict), else
+    a short description of what differs. The same weights loaded in another dtype (bf16 on a
+    GPU for a draft trained in fp32) match through the embedding probe (relative 1e-2)."""
+    have = model_identity(model)
+    diff = [f"{k}: recorded {want.get(k)!r} vs model {have[k]!r}" for k in _EXACT_KEYS if want.get(k) != have[k]]
+    if diff:
+        return ", ".join(diff)
+    if want.get("embedding_sha256") == have["embedding_sha256"]:
+        return None
+    probe = want.get("embedding_probe")
+    if probe and len(probe) == len(have["embedding_probe"]) and all(
+            abs(a - b) <= 1e-2 * max(abs(a), abs(b), 1e-6) for a, b in zip(probe, have["embedding_probe"])):
+        return None
+    return (f"embedding weights differ (sha {want.get('embedding_sha256')} vs {have['embedding_sha256']}): "
+            "another checkpoint of the same architecture")

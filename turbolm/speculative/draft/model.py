@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TurboLMError
-from ...models import model_identity
+from ...models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
 CANDIDATE_MODES = ("mixture", "decoupled")
@@ -280,9 +280,8 @@ def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=Non
     except (TypeError, ValueError) as e:
         raise TurboLMError(f"{d / 'config.json'} is not a valid draft config: {e}") from None
     if target is not None:
-        want, have = config.target, model_identity(target)
-        if want != have:
-            diff = ", ".join(f"{k}: draft {want.get(k)!r} vs target {have.get(k)!r}" for k in have if want.get(k) != have.get(k))
+        diff = identity_mismatch(config.target, target)
+        if diff:
             raise TurboLMError(f"the draft in {directory} was trained for a different target ({diff})")
     model = DraftModel(config)
     try:

@@ -58,11 +58,13 @@ class TrainConfig:
 
 def _target_pieces(cfg: TrainConfig, meta: dict):
     """The frozen target modules the draft needs: embedding and lm_head (and identity check)."""
-    from ...models import load_target, model_identity
+    from ...models import identity_mismatch, load_target
 
     model, _ = load_target(cfg.target)
-    if model_identity(model) != meta["target"]:
-        raise TurboLMError(f"the features in {cfg.data} were prepared for a different target than {cfg.target or 'the default'}")
+    diff = identity_mismatch(meta["target"], model)
+    if diff:
+        raise TurboLMError(f"the features in {cfg.data} were prepared for a different target than "
+                           f"{cfg.target or 'the default'} ({diff})")
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     for p in list(embed.parameters()) + list(head.parameters()):
         p.requires_grad_(False)

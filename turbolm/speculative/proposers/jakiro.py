@@ -39,10 +39,11 @@ class JakiroProposer(Proposer):
         self.pending: list[torch.Tensor] = []
 
     def check_compatible(self, target, tokenizer) -> None:
-        from ...models import model_identity
+        from ...models import identity_mismatch
 
-        if self.draft.config.target != model_identity(target):
-            raise TurboLMError("this draft was trained for a different target model")
+        diff = identity_mismatch(self.draft.config.target, target)
+        if diff:
+            raise TurboLMError(f"this draft was trained for a different target model ({diff})")
 
     def start(self, prompt_ids, features=None) -> None:
         self.cache = KVCache()
