@@ -118,6 +118,7 @@ def test_target_identity_across_dtypes_and_checkpoints(tiny, tiny_dir, tmp_path)
 
 def test_invalid_configs(tiny):
     target, _ = tiny
-    for bad in ({"arch": "medusa"}, {"candidate_mode": "both"}, {"arch": "eagle2", "candidate_mode": "decoupled"}, {"num_experts": 1}):
+    for bad in ({"arch": "medusa"}, {"candidate_mode": "both"}, {"arch": "eagle2", "candidate_mode": "decoupled"}, {"num_experts": 1},
+                {"draft_vocab_size": 10**6}, {"draft_vocab_size": -1}):
         with pytest.raises(TurboLMError):
             DraftConfig.for_target(target, **bad)

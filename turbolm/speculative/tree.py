@@ -188,14 +188,14 @@ def build_dynamic_tree(
         frontier.append(len(tokens))
         tokens.append(tok), parents.append(0), scores.append(lp), depths.append(1)
     for level in range(2, depth + 1):
-        logprobs = expand(frontier, tokens, parents, depths).float()
-        top = torch.topk(logprobs, k, dim=-1)
-        cand = (torch.tensor([scores[f] for f in frontier]).unsqueeze(1) + top.values).flatten()
+        top = torch.topk(expand(frontier, tokens, parents, depths).float(), k, dim=-1)
+        values, indices = top.values.cpu(), top.indices.cpu().tolist()  # one device sync per level
+        cand = (torch.tensor([scores[f] for f in frontier]).unsqueeze(1) + values).flatten()
         new = []
         for flat, score in zip(range(cand.numel()), cand.tolist()):
             row, col = divmod(flat, k)
             new.append(len(tokens))
-            tokens.append(int(top.indices[row, col])), parents.append(frontier[row]), scores.append(score), depths.append(level)
+            tokens.append(indices[row][col]), parents.append(frontier[row]), scores.append(score), depths.append(level)
         frontier = sorted(new, key=lambda i: -scores[i])[:k]
     # Rerank: ties broken by depth, so a parent is never dropped in favour of its equal-scored child.
     ranked = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depths[i]))[: config.total_tokens]

@@ -64,6 +64,10 @@ class DraftConfig:
         if self.arch == "eagle2" and self.candidate_mode != "mixture":
             raise TurboLMError("the EAGLE-2 draft has one FFN: only candidate mode 'mixture' applies")
         self.expert_intermediate_size = self.expert_intermediate_size or self.hidden_size
+        vocab = (self.target or {}).get("vocab_size")
+        if self.draft_vocab_size < 0 or (vocab and self.draft_vocab_size >= vocab):
+            raise TurboLMError(f"draft vocabulary size must be 0 (the target's full vocabulary) or between 1 and "
+                               f"{vocab - 1 if vocab else 'the target vocabulary size'}, got {self.draft_vocab_size}")
 
     @property
     def has_contrastive(self) -> bool:

@@ -159,8 +159,9 @@ def chain_agreement(draft: DraftModel, embed, lm_head_w, sample: dict, depth: in
     for the contrastive output of step k-1 (Jakiro's last tree level). Returns
     {"agree": {k: (hits, total)}, "contrastive": {k: (hits, total)}}.
     """
-    ids, m = sample["input_ids"], sample["loss_mask"].bool()
-    f = sample["features"].to(lm_head_w.dtype)
+    dev = lm_head_w.device
+    ids, m = sample["input_ids"].to(dev), sample["loss_mask"].to(dev).bool()
+    f = sample["features"].to(dev, lm_head_w.dtype)
     L = ids.shape[0]
     T = L - 1
     t_top = draft.logits(f, lm_head_w).argmax(-1)  # the target's greedy token after each position
@@ -175,7 +176,7 @@ def chain_agreement(draft: DraftModel, embed, lm_head_w, sample: dict, depth: in
             result[key][k] = (hits + int(((pred == t_top[k : k + n]) & w).sum()), total + int(w.sum()))
 
     cache = KVCache()
-    out = draft(embed(ids[None, 1:]), f[None, :-1], torch.arange(T)[None], cache)
+    out = draft(embed(ids[None, 1:]), f[None, :-1], torch.arange(T, device=dev)[None], cache)
     record("agree", 1, out.hidden[0])
     blocks = []  # cache offsets of earlier chain steps
     for k in range(2, depth + 1):
@@ -184,9 +185,9 @@ def chain_agreement(draft: DraftModel, embed, lm_head_w, sample: dict, depth: in
         n = L - 1 - k
         if n <= 0:
             break
-        S, j = len(cache), torch.arange(n)
-        allowed = torch.zeros(n, S + n, dtype=torch.bool)
-        allowed[:, :T] = torch.arange(T)[None] <= j[:, None]
+        S, j = len(cache), torch.arange(n, device=dev)
+        allowed = torch.zeros(n, S + n, dtype=torch.bool, device=dev)
+        allowed[:, :T] = torch.arange(T, device=dev)[None] <= j[:, None]
         for off in blocks:
             allowed[j, off + j] = True
         allowed[j, S + j] = True
