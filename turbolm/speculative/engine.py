@@ -40,6 +40,8 @@ class SpeculativeGenerator:
         self.target = target
         self.tokenizer = tokenizer
         self.proposer = proposer
+        #: optional ``on_step(tree, accepted_path)`` called after every verification (calibration)
+        self.on_step: Callable[[object, list[int]], None] | None = None
         if tree is not None:
             proposer.tree = tree
         proposer.check_compatible(target, tokenizer)
@@ -128,6 +130,8 @@ class SpeculativeGenerator:
             else:
                 path, bonus = accept_sampling(tree, lambda i: logits_to_probs(logits[i], sampling), generator)
             keep_only(cache, prefix, [0] + path)
+            if self.on_step is not None:
+                self.on_step(tree, path)
             t2 = time.perf_counter()
             draft_s += t1 - t0
             verify_s += t2 - t1

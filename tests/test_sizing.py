@@ -1,0 +1,138 @@
+"""Hardware-aware tree sizing: the acceptance simulation is exact for greedy verification, the
+choice follows the cost model, and auto sizing runs end to end (and stays lossless)."""
+
+import random
+
+import pytest
+import torch
+
+from turbolm import encode_prompt, generate
+from turbolm.speculative import SpeculativeGenerator, TreeConfig
+from turbolm.speculative.sizing import (
+    AcceptanceTable,
+    TreeChoice,
+    auto_tree,
+    choose_tree,
+    subtree_path_ranks,
+)
+from turbolm.speculative.tree import build_dynamic_tree
+
+V = 40
+
+
+def _node_logprobs(prefix: tuple) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash(prefix) % (2**31))
+    return (torch.randn(V, generator=g) * 2).log_softmax(-1)
+
+
+def _target_token(prefix: tuple) -> int:
+    """A fake greedy target: usually the draft's 1st-3rd choice, sometimes something else."""
+    order = torch.argsort(_node_logprobs(prefix), descending=True).tolist()
+    r = random.Random(hash(prefix)).choice([0, 0, 0, 1, 1, 2, 5, 30])
+    return order[r]
+
+
+def _build(root_prefix: tuple, config: TreeConfig):
+    def path_tokens(node, tokens, parents):
+        out = []
+        while node > 0:
+            out.append(tokens[node])
+            node = parents[node]
+        return root_prefix + tuple(reversed(out))
+
+    def expand(frontier, tokens, parents, depths):
+        return torch.stack([_node_logprobs(path_tokens(f, tokens, parents)) for f in frontier])
+
+    return build_dynamic_tree(root_prefix[-1], _node_logprobs(root_prefix), expand, config)
+
+
+def _accepted_path(tree, root_prefix: tuple) -> list[int]:
+    path, node, prefix = [], 0, root_prefix
+    while True:
+        want = _target_token(prefix)
+        child = next((c for c in tree.children[node] if tree.tokens[c] == want), None)
+        if child is None:
+            return path
+        path.append(child)
+        node, prefix = child, prefix + (want,)
+
+
+def test_subtree_simulation_matches_building_the_smaller_tree():
+    """Record one big tree per step, then for smaller configs compare the simulated accepted
+    length with the accepted length of the smaller tree built directly."""
+    big = TreeConfig(total_tokens=1024, depth=6, top_k=6)
+    checked = 0
+    for seed in range(12):
+        prefix = (seed, 7)
+        tree = _build(prefix, big)
+        path = _accepted_path(tree, prefix)
+        for depth, top_k, total in [(1, 1, 1), (3, 2, 4), (4, 4, 10), (6, 3, 12), (5, 6, 40), (2, 6, 3), (6, 6, 60)]:
+            small = _build(prefix, TreeConfig(total, depth, top_k))
+            ranks = subtree_path_ranks(tree.parents, tree.scores, path, depth, top_k)
+            assert sum(r < total for r in ranks) == len(_accepted_path(small, prefix)), (seed, depth, top_k, total)
+            checked += 1
+    assert checked == 84
+
+
+def test_acceptance_table_from_steps_and_round_trip(tmp_path):
+    big = TreeConfig(total_tokens=64, depth=5, top_k=4)
+    steps = []
+    for seed in range(6):
+        prefix = (seed, 3)
+        tree = _build(prefix, big)
+        steps.append((tree.parents, tree.scores, _accepted_path(tree, prefix)))
+    table = AcceptanceTable.from_steps(steps, {"tree": {"total_tokens": 64, "depth": 5, "top_k": 4}})
+    # More nodes, deeper or wider never accept less.
+    assert table.expected(TreeConfig(8, 4, 4)) >= table.expected(TreeConfig(4, 4, 4)) >= table.expected(TreeConfig(1, 1, 1))
+    assert table.expected(TreeConfig(64, 8, 4)) is None  # outside the calibration tree
+    assert all(c.depth <= 5 and c.top_k <= 4 and c.total_tokens >= c.depth for c in table.candidates())
+    table.save(tmp_path / "acceptance.json")
+    assert AcceptanceTable.load(tmp_path / "acceptance.json") == table
+
+
+def test_choice_follows_the_machine():
+    # Mean accepted nodes for four candidate trees, and one draft cost table for both machines.
+    table = AcceptanceTable(accepted={"2": {"1": {"2": 1.2}}, "4": {"1": {"4": 2.0}, "4": {"16": 2.6}},
+                                      "6": {"4": {"64": 3.2}}}, steps=1)
+    draft = {2: {1: 0.001}, 4: {1: 0.002, 4: 0.0025}, 6: {4: 0.003}}
+    gpu = choose_tree(table, {1: 0.010, 65: 0.011}, draft)  # verification nearly free
+    cpu = choose_tree(table, {1: 0.100, 3: 0.130, 5: 0.170, 17: 0.300, 65: 0.600}, draft)  # grows with tokens
+    assert gpu.tree == TreeConfig(64, 6, 4)
+    assert cpu.tree == TreeConfig(4, 4, 1)
+    assert gpu.expected_speedup > cpu.expected_speedup > 1
+    c = cpu  # the reported numbers are the model's own arithmetic
+    assert c.tokens_per_step == pytest.approx(3.0) and c.verify_seconds == pytest.approx(0.17)
+    assert c.expected_speedup == pytest.approx(3.0 / (0.002 + 0.17) * 0.100)
+    assert "tree auto: 4 tokens, depth 4, top-k 1" in c.explain()
+    slow = TreeChoice(TreeConfig(4, 2, 2), 1.1, 0.05, 0.2, 0.1)
+    assert "no tree is expected to beat vanilla" in slow.explain()
+
+
+def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel, load_draft
+    from turbolm.speculative.proposers.jakiro import JakiroProposer
+    import turbolm.speculative.sizing as sizing
+
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sizing, "CALIBRATION_PROMPTS", ("Hello world", "The capital of France is"))
+    monkeypatch.setattr(sizing, "GRID_DEPTH", (1, 2, 3))
+    monkeypatch.setattr(sizing, "GRID_TOP_K", (1, 2, 4))
+    target, tok = tiny
+    torch.manual_seed(0)
+    DraftModel(DraftConfig.for_target(target)).save(tmp_path / "draft")
+    gen = SpeculativeGenerator(target, tok, JakiroProposer(load_draft(tmp_path / "draft", target), target))
+    lines = []
+    choice = auto_tree(gen, draft_id="d1", progress=False, log=lines.append)
+    assert gen.proposer.tree == choice.tree and choice.tree.depth <= 3 and choice.tree.top_k in (1, 2, 4)
+    assert any("timing" in line for line in lines)
+    assert list((tmp_path / "cache" / "tree-sizing").glob("*.json"))
+
+    # Cached: a second choice measures nothing.
+    def boom(*a, **k):
+        raise AssertionError("should have used the cache")
+
+    monkeypatch.setattr(sizing, "time_verification", boom)
+    monkeypatch.setattr(sizing, "record_acceptance", boom)
+    assert auto_tree(gen, draft_id="d1", progress=False).tree == choice.tree
+    ids = encode_prompt(tok, "Write a short poem about the sea")
+    assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
