@@ -53,9 +53,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--out", default="runs/draft_tau")
+    ap.add_argument("--model", default=None, help="target source (default: the default model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
-    target, tok = load_target()
+    target, tok = load_target(args.model, dtype=args.dtype, device=args.device)
     tree = TreeConfig(args.total_tokens, args.depth, args.top_k)
     methods = {}
     for spec in args.draft:
@@ -67,6 +70,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "gpu": torch.cuda.get_device_name(0) if target.device.type == "cuda" else None,
                "torch": torch.__version__, "dtype": str(target.dtype), "tree": vars(tree), "max_new_tokens": args.max_new_tokens}
     print(json.dumps(machine))
     rows = []

@@ -6,7 +6,7 @@
 # $WORK/ship/{jakiro,eagle2}.
 #
 #   bash benchmarks/train_default_drafts.sh                      # CPU, default model (hours)
-#   DEVICE=cuda PREP_BATCH=256 PARALLEL=1 bash benchmarks/train_default_drafts.sh   # GPU (minutes)
+#   DEVICE=cuda PREP_BATCH=640 SHARD_SIZE=1280 PARALLEL=1 bash benchmarks/train_default_drafts.sh   # GPU (minutes)
 set -euo pipefail
 PY=${PYTHON:-python}
 TARGET=${TARGET:-}                # model source; empty = the default SmolLM2-135M-Instruct
@@ -16,6 +16,7 @@ DEVICE=${DEVICE:-cpu}             # where the target runs while preparing (train
 MAX_SAMPLES=${MAX_SAMPLES:-5000}
 MAX_LENGTH=${MAX_LENGTH:-512}
 PREP_BATCH=${PREP_BATCH:-8}
+SHARD_SIZE=${SHARD_SIZE:-256}      # rows per shard (and per generation round)
 EPOCHS=${EPOCHS:-10}
 BATCH=${BATCH:-16}
 LR=${LR:-1e-3}
@@ -26,7 +27,7 @@ target_flag=()
 
 echo "== $(date -u +%FT%TZ) prepare: $DATA -> $WORK/prep (regenerate, $MAX_SAMPLES samples, device $DEVICE)"
 $PY -m turbolm draft prepare "${target_flag[@]}" --data "$DATA" --out "$WORK/prep" --regenerate \
-    --max-samples "$MAX_SAMPLES" --max-length "$MAX_LENGTH" --batch-size "$PREP_BATCH" --device "$DEVICE"
+    --max-samples "$MAX_SAMPLES" --max-length "$MAX_LENGTH" --batch-size "$PREP_BATCH" --shard-size "$SHARD_SIZE" --device "$DEVICE"
 
 train() {  # name, extra flags...
     local name=$1; shift
@@ -59,3 +60,8 @@ for name in ("jakiro", "eagle2"):
     load_draft(work / name).save(work / "ship" / name, dtype=torch.float16)
     print(work / "ship" / name)
 PY
+
+echo "== $(date -u +%FT%TZ) acceptance statistics for --tree auto (greedy, built-in prompts)"
+for name in jakiro eagle2; do
+    $PY -m turbolm draft calibrate "${target_flag[@]}" --draft "$WORK/ship/$name" --device "$DEVICE"
+done

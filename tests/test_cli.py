@@ -92,7 +92,8 @@ def test_speculative_errors(capsys, tiny_dir, args, message):
     assert rc == 2 and message in err and err.count("\n") == 1
 
 
-def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path):
+def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": "one two three " * 3} for i in range(20)]))
     assert main(["draft", "prepare", "--target", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "f"),
@@ -105,7 +106,15 @@ def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path):
     capsys.readouterr()
     base = ["generate", "--prompt", "Count to 3.", "--model", str(tiny_dir), "--max-new-tokens", "12", "--json"]
     rc, out, _ = run_cli(capsys, *base)
-    rc2, out2, _ = run_cli(capsys, *base, "--speculative", "jakiro", "--draft", str(tmp_path / "d"), "--candidate-mode", "decoupled")
+    rc2, out2, _ = run_cli(capsys, *base, "--speculative", "jakiro", "--draft", str(tmp_path / "d"), "--candidate-mode", "decoupled",
+                           "--tree", "fixed")
     assert rc == rc2 == 0 and json.loads(out)["token_ids"] == json.loads(out2)["token_ids"]
+    # Acceptance stored with the checkpoint, then --tree auto (the default) sizes the tree for this machine.
+    assert main(["draft", "calibrate", "--draft", str(tmp_path / "d"), "--target", str(tiny_dir), "--max-new-tokens", "12"]) == 0
+    assert (tmp_path / "d" / "acceptance.json").is_file() and "acceptance.json: " in capsys.readouterr().out
+    rc3, out3, err3 = run_cli(capsys, *base, "--speculative", "jakiro", "--draft", str(tmp_path / "d"))
+    assert rc3 == 0 and "tree auto:" in err3 and json.loads(out3)["token_ids"] == json.loads(out)["token_ids"]
+    rc4, _, err4 = run_cli(capsys, *base, "--speculative", "jakiro", "--draft", str(tmp_path / "d"), "--tree", "auto", "--depth", "2")
+    assert rc4 == 2 and "give one or the other" in err4
     rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--speculative", "jakiro", "--draft", str(tmp_path / "d"))
     assert rc == 2 and "trained for a different target" in err  # the default model is not the tiny target

@@ -263,3 +263,30 @@ def test_cli_missing_data_file_is_one_line(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert err.startswith("turbolm: error: data file not found") and err.count("\n") == 1
+
+
+def test_features_from_exported_tokens(tiny_dir, tmp_path):
+    """Regenerate on one machine, export the tokens, compute the features on another: the same
+    samples and features as preparing in one go; another target's tokens are refused."""
+    from turbolm.speculative.draft.data import export_tokens, prepare_from_tokens
+
+    rows = write_json(tmp_path / "rows.json", ALPACA * 3)
+    whole = prepare(tiny_dir, rows, tmp_path / "whole", regenerate=True, regen_max_new_tokens=12, shard_size=4)
+    assert export_tokens(tmp_path / "whole", tmp_path / "tokens.safetensors") == whole["samples"]
+    split = prepare_from_tokens(str(tiny_dir), tmp_path / "tokens.safetensors", tmp_path / "split", shard_size=3,
+                                progress=False)
+    assert split["complete"] and split["regenerate"] is True and split["samples"] == whole["samples"]
+    for (i1, m1, f1), (i2, m2, f2) in zip(shard_tensors(tmp_path / "whole", whole), shard_tensors(tmp_path / "split", split)):
+        assert torch.equal(i1, i2) and torch.equal(m1, m2)
+        torch.testing.assert_close(f1.float(), f2.float(), atol=2e-3, rtol=1e-3)  # batched differently
+    assert len(FeatureDataset(tmp_path / "split")) == whole["samples"]
+    # A prepared directory works as the token source too; another target is refused.
+    assert prepare_from_tokens(str(tiny_dir), tmp_path / "whole", tmp_path / "again", progress=False)["samples"] == whole["samples"]
+    other = make_model_dir(tmp_path / "other", "llama", seed=3)
+    with pytest.raises(TurboLMError, match="another target"):
+        prepare_from_tokens(str(other), tmp_path / "tokens.safetensors", tmp_path / "bad", progress=False)
+    with pytest.raises(TurboLMError, match="token file not found"):
+        prepare_from_tokens(str(tiny_dir), tmp_path / "missing.safetensors", tmp_path / "bad2", progress=False)
+    rc = main(["draft", "prepare", "--target", str(tiny_dir), "--from-tokens", str(tmp_path / "tokens.safetensors"),
+               "--out", str(tmp_path / "cli"), "--regenerate"])
+    assert rc == 2

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 
 from .errors import TurboLMError
 
@@ -22,6 +23,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--fast-cpu", choices=["auto", "off"], default="auto",
+                   help="auto (default): few-token forwards (tree verification, drafting) through oneDNN with "
+                        "pre-packed weights on CPUs where PyTorch's default kernels are slow for few rows (x86, "
+                        "not Intel); costs one extra copy of the weights in memory. Vanilla runs the same way.")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +50,10 @@ def _add_speculative_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--draft-model", default=None, help="draft model directory or .gguf for --speculative model")
     s.add_argument("--draft-layers", type=int, default=None,
                    help="for --speculative model without --draft-model: draft with the target's own first N layers")
+    s.add_argument("--tree", choices=["auto", "fixed"], default=None,
+                   help="auto (default for jakiro / eagle2 / model): the tree size that maximises expected tokens/s on "
+                        "this machine, from measured target/draft costs and the draft's acceptance (measured once, "
+                        "cached); fixed: the proposer's default or --total-tokens/--depth/--top-k")
     s.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree")
     s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree")
     s.add_argument("--top-k", type=int, default=None, help="branches per tree node")
@@ -56,7 +65,11 @@ def _add_draft_parser(sub) -> None:
 
     p = steps.add_parser("prepare", help="run the target over a chat dataset and store its features for draft training")
     p.add_argument("--target", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", required=True, help="Alpaca or ShareGPT rows: a JSON list, or one row per line (.jsonl)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="Alpaca or ShareGPT rows: a JSON list, or one row per line (.jsonl)")
+    src.add_argument("--from-tokens", metavar="FILE",
+                     help="token ids + answer masks made elsewhere (a token file from export_tokens(), or a prepared "
+                          "directory): only the features are computed, e.g. after --regenerate on a GPU")
     p.add_argument("--out", required=True, help="output directory; rerun with the same --out to resume")
     p.add_argument("--regenerate", action="store_true",
                    help="the target writes the answers itself (greedy, first user turn), so the draft learns the target's own distribution")
@@ -67,6 +80,14 @@ def _add_draft_parser(sub) -> None:
     p.add_argument("--regen-max-new-tokens", type=int, default=256, help="longest regenerated answer (default: 256)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+    c = steps.add_parser("calibrate", help="measure a trained draft's acceptance (greedy, built-in prompts, one big "
+                                           "tree) and store it with the checkpoint, for --tree auto on any machine")
+    c.add_argument("--draft", required=True, help="draft checkpoint directory (acceptance.json is written there)")
+    c.add_argument("--target", default=None, help="the draft's target (default: the embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="tokens per calibration prompt (default: 128)")
+    c.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    c.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
 
     t = steps.add_parser("train", help="train a Jakiro or EAGLE-2 draft on prepared features (accelerate: "
                                        "`accelerate launch -m turbolm.cli draft train ...` scales it out)")
@@ -125,13 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=96)
 
     _add_draft_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
 def _load(args):
+    from .fastpath import apply_for_cli
     from .models import load_target
 
-    return load_target(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
+    apply_for_cli(model, getattr(args, "fast_cpu", "auto"))
+    return model, tokenizer
 
 
 def _sampling(args):
@@ -205,16 +230,42 @@ def _decoder(args, model, tokenizer):
         proposer = JakiroProposer(draft, model)
     elif args.draft_model:
         draft, draft_tokenizer = load_target(args.draft_model, dtype=args.dtype, device=args.device)
+        from .fastpath import apply_for_cli
+
+        apply_for_cli(draft, args.fast_cpu)
         proposer = ModelProposer(draft, draft_tokenizer)
     else:
         proposer = ModelProposer(truncated_draft(model, args.draft_layers), tokenizer)
     d = proposer.default_tree
+    manual = any(v is not None for v in (args.total_tokens, args.depth, args.top_k))
+    if args.tree == "auto" and manual:
+        raise TurboLMError("--tree auto chooses --total-tokens / --depth / --top-k itself; give one or the other")
     tree = TreeConfig(
         total_tokens=args.total_tokens if args.total_tokens is not None else d.total_tokens,
         depth=args.depth if args.depth is not None else d.depth,
         top_k=args.top_k if args.top_k is not None else d.top_k,
     )
-    return SpeculativeGenerator(model, tokenizer, proposer, tree).generate
+    gen = SpeculativeGenerator(model, tokenizer, proposer, tree)
+    if args.tree == "auto" or (args.tree is None and not manual and args.speculative != "prompt-lookup"):
+        _auto_tree(args, gen)
+    return gen.generate
+
+
+def _auto_tree(args, gen) -> None:
+    """Size the tree for this machine (``--tree auto``) and say what was chosen and why."""
+    from .speculative.sizing import auto_tree, stored_acceptance
+
+    acceptance, draft_id = None, args.speculative
+    if args.speculative in ("jakiro", "eagle2"):
+        from .speculative.draft.model import shipped_draft
+
+        path = Path(args.draft or shipped_draft(args.speculative)).resolve()
+        acceptance = stored_acceptance(path, _draft_overrides(args))
+        draft_id = f"{path}:{(path / 'model.safetensors').stat().st_mtime_ns}:{args.candidate_mode}"
+    elif args.speculative == "model":
+        draft_id = f"model:{args.draft_model or args.draft_layers}"
+    choice = auto_tree(gen, acceptance=acceptance, draft_id=draft_id, log=lambda m: print(m, file=sys.stderr))
+    print(choice.explain(), file=sys.stderr)
 
 
 def machine_info() -> dict:
@@ -297,11 +348,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_draft_prepare(args) -> int:
-    from .speculative.draft.data import prepare_features
+    from .speculative.draft.data import prepare_features, prepare_from_tokens
 
-    meta = prepare_features(args.target, args.data, args.out, regenerate=args.regenerate, max_samples=args.max_samples,
-                            max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
-                            dtype=args.dtype, device=args.device, regen_max_new_tokens=args.regen_max_new_tokens)
+    if args.from_tokens:
+        if args.regenerate or args.max_samples is not None:
+            raise TurboLMError("--from-tokens takes the samples as they are: no --regenerate / --max-samples")
+        meta = prepare_from_tokens(args.target, args.from_tokens, args.out, batch_size=args.batch_size,
+                                   shard_size=args.shard_size, dtype=args.dtype, device=args.device)
+    else:
+        meta = prepare_features(args.target, args.data, args.out, regenerate=args.regenerate, max_samples=args.max_samples,
+                                max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
+                                dtype=args.dtype, device=args.device, regen_max_new_tokens=args.regen_max_new_tokens)
     line = (f"{args.out}: {meta['samples']} samples, {meta['tokens']} tokens ({meta['loss_tokens']} in answers), "
             f"{len(meta['shards'])} shard(s)")
     if meta["skipped"]:
@@ -326,14 +383,80 @@ def cmd_draft_train(args) -> int:
     return 0
 
 
-DRAFT_COMMANDS = {"prepare": cmd_draft_prepare, "train": cmd_draft_train}
+def cmd_draft_calibrate(args) -> int:
+    from .models import load_target
+    from .speculative.sizing import ACCEPTANCE_FILE, calibrate_draft
+    from .speculative.tree import TreeConfig
+
+    model, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
+    table = calibrate_draft(args.draft, model, tokenizer, max_new_tokens=args.max_new_tokens)
+    best = max(((d, k, n, v) for d, ks in table.accepted.items() for k, ns in ks.items() for n, v in ns.items()),
+               key=lambda r: r[3])
+    print(f"{Path(args.draft) / ACCEPTANCE_FILE}: {table.steps} steps recorded; mean accepted tokens per step from "
+          f"{table.expected(TreeConfig(1, 1, 1)) + 1:.2f} (1 node) to {best[3] + 1:.2f} ({best[2]} nodes, depth {best[0]}, top-k {best[1]})")
+    return 0
+
+
+DRAFT_COMMANDS = {"prepare": cmd_draft_prepare, "train": cmd_draft_train, "calibrate": cmd_draft_calibrate}
 
 
 def cmd_draft(args) -> int:
     return DRAFT_COMMANDS[args.draft_command](args)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft}
+def _add_bench_parser(sub) -> None:
+    from .bench.spec import METHODS
+
+    b = sub.add_parser("bench", help="benchmarks")
+    kinds = b.add_subparsers(dest="bench_command", required=True)
+    p = kinds.add_parser("spec", help="Spec-Bench: speedup, tau and losslessness of every decoding method on the same questions")
+    p.add_argument("--questions", required=True, help="Spec-Bench jsonl: question_id, category, turns (list of strings)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} "
+                   "(default: all; vanilla, the baseline, always runs)")
+    p.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
+                   help="draft checkpoint for eagle2 or jakiro (repeatable; default: the shipped one)")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per turn (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (after --categories)")
+    p.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
+    p.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree (default: each method's own)")
+    p.add_argument("--depth", type=int, default=None, help="most levels in a draft tree (default: each method's own)")
+    p.add_argument("--top-k", type=int, default=None, help="branches per tree node (default: each method's own)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions per method (default: 1)")
+    p.add_argument("--out", default="runs/spec_bench", help="output directory (default: runs/spec_bench)")
+
+
+def cmd_bench(args) -> int:
+    from .bench.spec import SpecBenchConfig, run_spec_bench
+
+    drafts = {}
+    for d in args.draft:
+        name, sep, path = d.partition("=")
+        if not sep or not name or not path:
+            raise TurboLMError(f"--draft {d!r}: expected NAME=DIR, e.g. --draft jakiro=runs/my_jakiro")
+        drafts[name.strip()] = path
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    config = SpecBenchConfig(
+        questions=args.questions, out=args.out, methods=args.methods.split(","), model=args.model, device=args.device,
+        dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
+        top_k=args.top_k, warmup=args.warmup,
+    )
+    report = run_spec_bench(config, progress=True)
+    print((Path(args.out) / "report.md").read_text())
+    if report["lossless"]["ok"] is False:
+        print(f"turbolm: warning: {report['lossless']['ours_differing']} output(s) of turbolm's methods differ from "
+              f"vanilla; see {args.out}/report.md", file=sys.stderr)
+    if report["interrupted"]:
+        print(f"\nturbolm: interrupted; the report in {args.out} covers {report['questions_measured']} question(s)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,11 +207,13 @@ def time_verification(target, sizes=(1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33
 
 
 @torch.inference_mode()
-def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TOP_K, repeats: int = 2) -> dict:
+def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TOP_K, repeats: int = 2,
+                  measured_depths=(1, 2, 4, 8)) -> dict:
     """Seconds the proposer needs to draft a (depth, top_k) tree in the steady state:
     ``{depth: {top_k: seconds}}``. Measured as propose() after start() minus the catch-up
     over the prompt (a depth-0 proposal), plus one small catch-up forward (what a step
-    feeds the draft after acceptance)."""
+    feeds the draft after acceptance). Depths between ``measured_depths`` are interpolated
+    (a level costs about the same as the one before)."""
     from ..chat import encode_prompt
     from ..generation import FeatureCapture, forward
     from .cache import new_tree_cache
@@ -230,16 +232,17 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
             proposer.start(prompt, features)
             proposer.propose(context, max_depth=max_depth)
         proposer.tree = tree
-        go()  # warm-up
         return _median_time(go, repeats, device)
 
     try:
+        run(TreeConfig(8, 2, 4), 2)  # warm-up
         base = run(TreeConfig(1, 1, 1), 0)
         catch_up = max(0.0, run(TreeConfig(1, 1, 1), 1) - base)
-        table = {d: {k: max(0.0, run(TreeConfig(max(d, k), d, k), d) - base) + catch_up for k in top_ks} for d in depths}
+        measured = [d for d in measured_depths if d <= max(depths)] or [max(depths)]
+        per_k = {k: {d: max(0.0, run(TreeConfig(max(d, k), d, k), d) - base) + catch_up for d in measured} for k in top_ks}
     finally:
         proposer.tree = saved
-    return table
+    return {d: {k: _interpolate(per_k[k], d) for k in top_ks} for d in depths}
 
 
 # --- the choice ----------------------------------------------------------------------------------
@@ -314,7 +317,9 @@ def _machine_key(target, proposer, extra: str) -> str:
         pass
     device = target.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    parts = [cpu, gpu, str(torch.get_num_threads()), torch.__version__, str(target.dtype), str(device),
+    from ..fastpath import is_optimized
+
+    parts = [cpu, gpu, str(torch.get_num_threads()), torch.__version__, str(target.dtype), str(device), str(is_optimized(target)),
              model_identity(target)["embedding_sha256"], proposer.name, extra]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -355,3 +360,25 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
     choice = choose_tree(acceptance, cached["verify_seconds"], draft_s)
     proposer.tree = choice.tree
     return choice
+
+
+def stored_acceptance(draft_dir: str | os.PathLike | None, overrides: dict | None = None) -> AcceptanceTable | None:
+    """The acceptance statistics stored with a draft checkpoint, if any and if they apply
+    (they were measured with the checkpoint's own candidate mode)."""
+    if draft_dir is None or overrides or not (Path(draft_dir) / ACCEPTANCE_FILE).is_file():
+        return None
+    return AcceptanceTable.load(Path(draft_dir) / ACCEPTANCE_FILE)
+
+
+def calibrate_draft(draft_dir: str | os.PathLike, target, tokenizer, *, max_new_tokens: int = 128,
+                    tree: TreeConfig = CALIBRATION_TREE, progress: bool = True) -> AcceptanceTable:
+    """Measure a draft checkpoint's acceptance (greedy, the built-in prompts, one big tree) and
+    store it as ``acceptance.json`` beside the weights, for ``--tree auto`` on any machine."""
+    from .draft.model import load_draft
+    from .engine import SpeculativeGenerator
+    from .proposers.jakiro import JakiroProposer
+
+    gen = SpeculativeGenerator(target, tokenizer, JakiroProposer(load_draft(draft_dir, target), target))
+    table = record_acceptance(gen, tokenizer, max_new_tokens=max_new_tokens, tree=tree, progress=progress)
+    table.save(Path(draft_dir) / ACCEPTANCE_FILE)
+    return table

@@ -35,6 +35,10 @@ class JakiroProposer(Proposer):
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings().weight
         self.hybrid = hybrid and draft.config.has_contrastive
+        from ...fastpath import is_optimized, optimize_for_small_batches
+
+        if is_optimized(target):  # the draft's own layers run on few rows too
+            optimize_for_small_batches(draft)
         self.cache = KVCache()
         self.pending: list[torch.Tensor] = []
 

@@ -1,0 +1,243 @@
+"""`turbolm bench spec`: every method on the same questions, multi-turn chats, the report and its
+files, Ctrl-C, clear errors. Tiny random models; never checks speed."""
+
+import json
+
+import pytest
+import torch
+
+from turbolm import TurboLMError, encode_chat
+from turbolm.bench import METHODS, SpecBenchConfig, run_spec_bench
+from turbolm.bench import spec as bench_spec
+from turbolm.cli import main
+from turbolm.speculative.draft.model import DraftConfig, DraftModel
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it about the sky."]},
+    {"question_id": 2, "category": "qa", "turns": ["The capital of France is Paris. What is the capital of France?"]},
+    {"question_id": 3, "category": "qa"},  # malformed: no turns
+    {"question_id": 2, "category": "qa", "turns": ["A duplicate id."]},  # malformed: skipped
+    {"question_id": 4, "category": "qa", "turns": ["def add(a, b):\n    return a + b\n\nExplain add(a, b)."]},
+]
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text("\n".join([json.dumps(q) for q in QUESTIONS] + ["{not json"]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny, tmp_path_factory):
+    """Random EAGLE-2 and Jakiro drafts for the tiny Llama target, saved as checkpoints."""
+    target, _ = tiny
+    out = {}
+    for arch in ("eagle2", "jakiro"):
+        torch.manual_seed(0)
+        out[arch] = str(tmp_path_factory.mktemp(arch))
+        DraftModel(DraftConfig.for_target(target, arch=arch)).save(out[arch])
+    return out
+
+
+def config(questions, out, **kw) -> SpecBenchConfig:
+    return SpecBenchConfig(**{"questions": str(questions), "out": str(out), "max_new_tokens": 8, "warmup": 0, **kw})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_all_methods_report_and_files(tiny, drafts, questions, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "run"
+    report = run_spec_bench(config(questions, out, drafts=drafts, max_new_tokens=6, total_tokens=6, depth=3, top_k=2),
+                            target=tiny)
+
+    assert list(report["methods"]) == list(METHODS)
+    assert report["questions"]["skipped_rows"] == {"turns is not a list of non-empty strings": 1, "duplicate question_id": 1,
+                                                   "invalid JSON": 1}
+    assert report["questions_measured"] == 3 and not report["interrupted"]
+    assert report["categories"] == ["writing", "qa"]
+    for name, m in report["methods"].items():
+        assert set(m["categories"]) == {"writing", "qa"}
+        assert m["overall"]["questions"] == 3 and m["categories"]["qa"]["questions"] == 2
+        assert m["overall"]["tau"] >= 1.0 and m["overall"]["speedup"] > 0
+        assert m["overall"]["differ"] == 0 or not m["ours"], name  # greedy: ours reproduce vanilla
+    assert report["methods"]["vanilla"]["overall"]["speedup"] == 1.0
+    assert report["lossless"] == {"checked": True, "ours_differing": 0, "ok": True}
+    small = {"total_tokens": 6, "depth": 3, "top_k": 2}
+    assert report["trees"] == {"prompt-lookup": small, "eagle2": small, "jakiro": small}
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["dtype"] == "float32"
+
+    rows = read_jsonl(out / "results.jsonl")
+    assert len(rows) == 3 * len(METHODS)
+    turns = {q["question_id"]: q.get("turns") for q in QUESTIONS}
+    for r in rows:
+        hist = {int(k): c for k, c in r["accepted_length_histogram"].items()}
+        # The histogram counts every step after each turn's prefill, for HF's methods too.
+        assert sum(k * c for k, c in hist.items()) + r["turns"] == r["new_tokens"], r["method"]
+        assert sum(hist.values()) + r["turns"] == r["target_forwards"], r["method"]
+        assert r["new_tokens"] == sum(map(len, r["token_ids"])) and r["seconds"] > 0
+        if r["turns"] == 2:  # the second prompt holds the method's own first answer
+            q = turns[r["question_id"]]
+            conv = [{"role": "user", "content": q[0]}, {"role": "assistant", "content": r["text"][0]},
+                    {"role": "user", "content": q[1]}]
+            assert r["prompt_tokens"][1] == len(encode_chat(tok, conv))
+
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["methods"]["jakiro"]["overall"]["differ"] == 0
+    md = (out / "report.md").read_text()
+    assert "torch threads" in md and "## Speedup vs vanilla per category" in md and "| jakiro |" in md
+    assert "skipped 3 malformed" in md
+    for png in ("speedup.png", "accepted_length.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_differing_output_is_listed(tiny, questions, tmp_path, monkeypatch):
+    """If a method's output ever differs from vanilla's, the report says which question and where."""
+    build = bench_spec.build_methods
+
+    def broken(*a, **kw):
+        methods = build(*a, **kw)
+        for m in methods:
+            if m.name == "prompt-lookup":
+                decode = m.decode
+
+                def wrong(ids, n, sampling, decode=decode):
+                    r = decode(ids, n, sampling)
+                    r.token_ids = r.token_ids[:-1] + [(r.token_ids[-1] + 1) % 100]
+                    return r
+
+                m.decode = wrong
+        return methods
+
+    monkeypatch.setattr(bench_spec, "build_methods", broken)
+    report = run_spec_bench(config(questions, tmp_path, methods=["vanilla", "prompt-lookup"]), target=tiny)
+    o = report["methods"]["prompt-lookup"]["overall"]
+    assert o["differ"] == 3 and [d["question_id"] for d in o["differing"]] == [1, 2, 4]
+    assert o["differing"][0] == {"question_id": 1, "turn": 0, "position": 7}  # the last of 8 tokens
+    assert report["lossless"]["ok"] is False
+    assert "losslessness failure" in (tmp_path / "report.md").read_text()
+
+
+def test_interrupt_still_writes_the_report(tiny, questions, tmp_path):
+    def stop_after_first(question, records):
+        assert set(records) == {"vanilla", "prompt-lookup"}
+        raise KeyboardInterrupt
+
+    report = run_spec_bench(config(questions, tmp_path, methods=["prompt-lookup"]), target=tiny, on_question=stop_after_first)
+    assert report["interrupted"] and report["questions_measured"] == 1
+    assert report["methods"]["prompt-lookup"]["overall"]["questions"] == 1
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 2
+    assert "**Interrupted**" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["interrupted"] is True
+
+
+def test_interrupt_during_warm_up(tiny, questions, tmp_path, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_spec, "_warm_up", interrupted)
+    report = run_spec_bench(config(questions, tmp_path, methods=["prompt-lookup"]), target=tiny)
+    assert report["interrupted"] and report["questions_measured"] == 0
+    assert report["methods"]["prompt-lookup"]["overall"]["speedup"] is None
+    json.loads((tmp_path / "report.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert "No question was measured" in (tmp_path / "report.md").read_text()
+
+
+def test_busy_machine_warning():
+    from turbolm.bench.report import busy_machine
+
+    quiet = {"torch_threads": 2, "load_average_start": [0.1, 0, 0], "load_average_end": [2.2, 0, 0]}
+    assert busy_machine(quiet) < 0.5
+    assert busy_machine({**quiet, "load_average_end": [3.5, 0, 0]}) == 1.5
+    assert busy_machine({**quiet, "load_average_start": None}) is None
+
+
+def test_interrupt_inside_a_question_keeps_only_finished_questions(tiny, questions, tmp_path, monkeypatch):
+    build, calls = bench_spec.build_methods, []
+
+    def interrupting(*a, **kw):
+        methods = build(*a, **kw)
+        vanilla = methods[0]
+        decode = vanilla.decode
+
+        def maybe_stop(ids, n, sampling):
+            calls.append(1)
+            if len(calls) == 3:  # question 1 has two turns; question 2 runs hf-generate first, then this
+                raise KeyboardInterrupt
+            return decode(ids, n, sampling)
+
+        vanilla.decode = maybe_stop
+        return methods
+
+    monkeypatch.setattr(bench_spec, "build_methods", interrupting)
+    report = run_spec_bench(config(questions, tmp_path, methods=["vanilla", "hf-generate"]), target=tiny)
+    assert report["interrupted"] and report["questions_measured"] == 1
+    rows = read_jsonl(tmp_path / "results.jsonl")
+    # What was measured stays in the raw file; the method order rotates per question.
+    assert [(r["question_id"], r["method"], r["order"]) for r in rows] == [
+        (1, "vanilla", 0), (1, "hf-generate", 1), (2, "hf-generate", 0)]
+
+
+def test_sampling_runs_without_the_identity_check(tiny, questions, tmp_path):
+    report = run_spec_bench(config(questions, tmp_path, methods=["hf-generate", "hf-prompt-lookup", "prompt-lookup"],
+                                   temperature=0.8, categories=["qa"], limit=1), target=tiny)
+    assert report["questions_measured"] == 1 and report["categories"] == ["qa"]
+    assert report["lossless"]["checked"] is False and report["methods"]["prompt-lookup"]["overall"]["differ"] is None
+    assert "Not checked" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"questions": "/nonexistent/question.jsonl"}, "questions file not found"),
+        ({"methods": ["vanilla", "medusa"]}, "unknown method medusa"),
+        ({"categories": ["qa", "poetry"]}, "unknown category poetry; the questions file has: writing, qa"),
+        ({"methods": ["vanilla"], "drafts": {"jakiro": "/x"}}, "jakiro is not in --methods"),
+        ({"methods": ["prompt-lookup"], "drafts": {"medusa": "/x"}}, "drafts are for eagle2 / jakiro only"),
+        ({"methods": ["eagle2"]}, "trained for a different target"),  # the shipped draft is for SmolLM2
+        ({"max_new_tokens": 0}, "max-new-tokens must be >= 1"),
+    ],
+)
+def test_errors_are_clear(tiny, questions, tmp_path, kw, message):
+    kw = {"questions": questions, **kw}
+    with pytest.raises(TurboLMError, match=message) as e:
+        run_spec_bench(config(out=tmp_path, **kw), target=tiny)
+    assert "\n" not in str(e.value)
+
+
+def test_draft_for_another_target(tiny, tiny_dirs, questions, tmp_path):
+    from turbolm import load_target
+
+    other, _ = load_target(tiny_dirs["qwen2"])
+    DraftModel(DraftConfig.for_target(other, arch="jakiro")).save(tmp_path / "qwen_draft")
+    with pytest.raises(TurboLMError, match="jakiro: the draft in .* was trained for a different target .*--draft jakiro=DIR"):
+        run_spec_bench(config(questions, tmp_path, methods=["jakiro"], drafts={"jakiro": str(tmp_path / "qwen_draft")}),
+                       target=tiny)
+
+
+def test_only_malformed_rows(tiny, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1}\n[1, 2]\n')
+    with pytest.raises(TurboLMError, match="no valid question.*skipped 2 malformed row"):
+        run_spec_bench(config(path, tmp_path), target=tiny)
+
+
+def test_cli(capsys, tiny_dir, questions, tmp_path):
+    out = tmp_path / "cli"
+    rc = main(["bench", "spec", "--questions", str(questions), "--model", str(tiny_dir), "--methods", "vanilla,prompt-lookup",
+               "--max-new-tokens", "6", "--limit", "2", "--depth", "3", "--out", str(out)])  # warm-up 1 by default
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0 and "## Speedup vs vanilla per category" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["questions_measured"] == 2 and report["trees"]["prompt-lookup"]["depth"] == 3
+    assert (out / "speedup.png").is_file() and len(read_jsonl(out / "results.jsonl")) == 4
+
+    rc = main(["bench", "spec", "--questions", str(questions), "--model", str(tiny_dir), "--methods", "vanilla,medusa"])
+    _, stderr = capsys.readouterr()
+    assert rc == 2 and stderr.startswith("turbolm: error: unknown method medusa") and stderr.count("\n") == 1
+    rc = main(["bench", "spec", "--questions", str(questions), "--draft", "jakiro"])
+    _, stderr = capsys.readouterr()
+    assert rc == 2 and "expected NAME=DIR" in stderr

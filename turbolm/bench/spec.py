@@ -1,0 +1,456 @@
+"""Spec-Bench for speculative decoding: every method on the same questions, in one process.
+
+Per question, each method answers every turn of the question as a chat (its own earlier
+answers are part of the conversation), one method after the other, the order rotating from
+question to question, so machine drift hits every method alike. Each (question, method) is appended to
+``results.jsonl`` as soon as it is measured; ``report.json``, ``report.md`` and the plots
+are written at the end, also after Ctrl-C (from the questions every method finished).
+
+Speedup follows Spec-Bench: the mean over questions of the per-question tokens/s ratio
+method / vanilla. tau is the mean number of tokens per target forward after the prefill
+(the mean accepted length incl. the bonus token; 1.0 for vanilla). At temperature 0 every
+method's token ids are compared with vanilla's: turbolm's methods must never differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..chat import run_turns
+from ..errors import TurboLMError
+from ..generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate
+from .machine import describe_machine, load_average
+
+log = logging.getLogger(__name__)
+
+METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro")
+#: turbolm's own decoders: at temperature 0 their output must be vanilla's, token for token
+OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro")
+DRAFT_METHODS = ("eagle2", "jakiro")
+HF_PROMPT_LOOKUP_TOKENS = 10
+WARMUP_MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class SpecBenchConfig:
+    """One benchmark run. ``drafts`` maps eagle2 / jakiro to a checkpoint directory (default:
+    the shipped draft); ``total_tokens`` / ``depth`` / ``top_k`` of None keep each proposer's
+    default tree."""
+
+    questions: str
+    out: str
+    methods: Sequence[str] = METHODS
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    limit: int | None = None
+    categories: Sequence[str] | None = None
+    drafts: dict[str, str] = field(default_factory=dict)
+    total_tokens: int | None = None
+    depth: int | None = None
+    top_k: int | None = None
+    warmup: int = 1
+    fast_cpu: str = "auto"  # see turbolm.fastpath.apply_for_cli; every method shares the model, so vanilla too
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    category: str
+    turns: tuple[str, ...]
+
+
+# --- questions ------------------------------------------------------------------------------
+
+
+def _row_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get("question_id"), (int, str)) or isinstance(row.get("question_id"), bool):
+        return "no question_id"
+    if not isinstance(row.get("category"), str) or not row["category"]:
+        return "no category"
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        return "turns is not a list of non-empty strings"
+    return None
+
+
+def load_questions(path: str | Path) -> tuple[list[Question], Counter]:
+    """Questions of a Spec-Bench jsonl file, and a count of skipped rows by reason."""
+    p = Path(path)
+    if not p.is_file():
+        raise TurboLMError(f"questions file not found: {path}")
+    questions: list[Question] = []
+    skipped: Counter = Counter()
+    seen: set = set()
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["invalid JSON"] += 1
+            continue
+        problem = _row_problem(row)
+        if problem is None and row["question_id"] in seen:
+            problem = "duplicate question_id"
+        if problem:
+            skipped[problem] += 1
+            continue
+        seen.add(row["question_id"])
+        questions.append(Question(row["question_id"], row["category"], tuple(row["turns"])))
+    if not questions:
+        raise TurboLMError(f"{path} has no valid question (each line: question_id, category, turns)"
+                           + (f"; skipped {sum(skipped.values())} malformed row(s)" if skipped else ""))
+    return questions, skipped
+
+
+def select_questions(questions: list[Question], categories: Sequence[str] | None, limit: int | None) -> list[Question]:
+    if categories:
+        known = list(dict.fromkeys(q.category for q in questions))
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise TurboLMError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                               f"the questions file has: {', '.join(known)}")
+        questions = [q for q in questions if q.category in set(categories)]
+    return questions[:limit] if limit is not None else questions
+
+
+# --- methods --------------------------------------------------------------------------------
+
+#: ``decode(prompt_ids, max_new_tokens, sampling) -> GenerationResult`` whose ``stats`` carry
+#: ``tokens_per_step_histogram`` (tokens per target forward after the prefill)
+Decoder = Callable[[list[int], int, SamplingParams], GenerationResult]
+
+
+@dataclass
+class Method:
+    name: str
+    decode: Decoder
+    tree: dict | None = None  # the draft tree settings of a speculative method
+
+
+class _ForwardRecorder:
+    """Counts the target's forwards inside ``with`` and notes the cache length before each:
+    the growth between two forwards is what the earlier one committed."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache_lengths: list[int | None] = []
+
+    def _pre(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.cache_lengths.append(cache.get_seq_length() if hasattr(cache, "get_seq_length") else None)
+
+    def __enter__(self):
+        self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def histogram(self, end: int) -> dict[str, int] | None:
+        """Tokens committed per forward after the prefill; ``end`` is the position of the last token."""
+        starts = self.cache_lengths[1:]
+        if any(s is None for s in starts):
+            return None
+        steps = Counter(b - a for a, b in zip(starts, starts[1:] + [end]))
+        return {str(k): steps[k] for k in sorted(steps)}
+
+
+def hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int, sampling: SamplingParams,
+                prompt_lookup_tokens: int | None = None) -> GenerationResult:
+    """transformers' own ``model.generate`` (optionally its prompt lookup), as a GenerationResult.
+
+    Logits processors a checkpoint's generation_config may switch on (repetition penalty,
+    no-repeat n-grams, a default top-k) are neutralised, so it decodes the same distribution as
+    vanilla; the output ends at the first EOS (kept), as vanilla's does.
+    """
+    from transformers import GenerationConfig
+
+    budget = check_prompt_length(len(ids), max_new_tokens, model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    config = GenerationConfig(
+        max_new_tokens=budget, do_sample=not sampling.greedy, num_beams=1, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, pad_token_id=pad, eos_token_id=sorted(eos) or None,
+        prompt_lookup_num_tokens=prompt_lookup_tokens,
+        **({} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                        "top_k": sampling.top_k}),
+    )
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    x = torch.tensor([ids], device=model.device)
+    start = time.perf_counter()
+    with torch.inference_mode(), _ForwardRecorder(model) as rec:
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids):].tolist()[:budget]
+    end = next((i + 1 for i, t in enumerate(new) if t in eos), None)
+    new, finish = (new, "length") if end is None else (new[:end], "eos")
+    forwards = len(rec.cache_lengths)
+    histogram = rec.histogram(len(ids) + len(new) - 1)
+    return GenerationResult(
+        token_ids=new, text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=len(ids),
+        finish_reason=finish, target_forwards=forwards, seconds=seconds, prefill_seconds=float("nan"),
+        stats={"method": "hf-prompt-lookup" if prompt_lookup_tokens else "hf-generate",
+               "tokens_per_step_histogram": histogram},
+    )
+
+
+def _vanilla(model, tokenizer) -> Decoder:
+    def decode(ids, max_new_tokens, sampling):
+        r = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling)
+        r.stats = {"method": "vanilla", "tokens_per_step_histogram": {"1": r.target_forwards - 1} if r.target_forwards > 1 else {}}
+        return r
+
+    return decode
+
+
+def _load_draft(name: str, path: str | None, model):
+    from ..speculative.draft.model import load_draft, shipped_draft
+
+    try:
+        return load_draft(path or shipped_draft(name), model)
+    except TurboLMError as e:
+        raise TurboLMError(f"{name}: {e}; give a draft trained for this model with --draft {name}=DIR, "
+                           f"or leave {name} out of --methods") from None
+
+
+def build_methods(names: Sequence[str], model, tokenizer, drafts: dict[str, str] | None = None,
+                  total_tokens=None, depth=None, top_k=None) -> list[Method]:
+    """One Method per name, in the given order; tree settings of None keep each proposer's
+    default tree."""
+    from ..speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
+    from ..speculative.proposers.jakiro import JakiroProposer
+
+    def speculative(name, proposer):
+        d = proposer.default_tree
+        tree = TreeConfig(
+            total_tokens=d.total_tokens if total_tokens is None else total_tokens,
+            depth=d.depth if depth is None else depth,
+            top_k=d.top_k if top_k is None else top_k,
+        )
+        gen = SpeculativeGenerator(model, tokenizer, proposer, tree)
+        return Method(name, lambda ids, n, sampling: gen.generate(ids, max_new_tokens=n, sampling=sampling), vars(tree).copy())
+
+    drafts = drafts or {}
+    methods = []
+    for name in names:
+        if name == "vanilla":
+            methods.append(Method(name, _vanilla(model, tokenizer)))
+        elif name == "hf-generate":
+            methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s)))
+        elif name == "hf-prompt-lookup":
+            methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s, HF_PROMPT_LOOKUP_TOKENS)))
+        elif name == "prompt-lookup":
+            methods.append(speculative(name, PromptLookupProposer()))
+        elif name in DRAFT_METHODS:
+            methods.append(speculative(name, JakiroProposer(_load_draft(name, drafts.get(name), model), model)))
+        else:
+            raise TurboLMError(f"unknown method '{name}'; use any of {', '.join(METHODS)}")
+    return methods
+
+
+def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
+    """Validated method list, vanilla first (it is the baseline of every comparison)."""
+    methods = [m.strip() for m in methods if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise TurboLMError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                           f"use any of {', '.join(METHODS)}")
+    for name in drafts:
+        if name not in DRAFT_METHODS:
+            raise TurboLMError(f"--draft {name}=...: drafts are for {' / '.join(DRAFT_METHODS)} only")
+        if name not in methods:
+            raise TurboLMError(f"--draft {name}=... given but {name} is not in --methods")
+    return ["vanilla"] + [m for m in dict.fromkeys(methods) if m != "vanilla"]
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def measure(decode: Decoder, model, tokenizer, question: Question, max_new_tokens: int,
+            sampling: SamplingParams) -> dict:
+    """Answer every turn of ``question`` with one method; the summed measurements and outputs."""
+    results: list[GenerationResult] = []
+    seconds = 0.0
+
+    def respond(ids):
+        nonlocal seconds
+        _sync(model)
+        t0 = time.perf_counter()
+        r = decode(ids, max_new_tokens, sampling)
+        _sync(model)
+        seconds += time.perf_counter() - t0
+        results.append(r)
+        return r.text
+
+    run_turns(tokenizer, question.turns, respond)
+    histogram: Counter = Counter()
+    for r in results:
+        h = r.stats.get("tokens_per_step_histogram")
+        histogram = None if h is None or histogram is None else histogram + Counter({int(k): v for k, v in h.items()})
+    new_tokens = sum(r.new_tokens for r in results)
+    forwards = sum(r.target_forwards for r in results)
+    after_prefill = [(r.new_tokens - 1, r.target_forwards - 1) for r in results if r.new_tokens > 1 and r.target_forwards > 1]
+    tokens, steps = (sum(x) for x in zip(*after_prefill)) if after_prefill else (0, 0)
+    return {
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else float("nan"),
+        "tau": tokens / steps if steps else 1.0,
+        "target_forwards": forwards,
+        # the speculative engine's own split of its time (None for the other methods)
+        "draft_seconds": _stat_sum(results, "draft_seconds"),
+        "verify_seconds": _stat_sum(results, "verify_seconds"),
+        "accepted_length_histogram": None if histogram is None else {str(k): histogram[k] for k in sorted(histogram)},
+        "prompt_tokens": [r.prompt_tokens for r in results],
+        "finish_reasons": [r.finish_reason for r in results],
+        "token_ids": [r.token_ids for r in results],
+        "text": [r.text for r in results],
+    }
+
+
+def _stat_sum(results: list[GenerationResult], key: str) -> float | None:
+    values = [r.stats.get(key) for r in results]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> dict | None:
+    """Where two multi-turn outputs first differ (turn, token position), or None if identical."""
+    for turn, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            pos = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+            return {"turn": turn, "position": pos}
+    return None if len(a) == len(b) else {"turn": min(len(a), len(b)), "position": 0}
+
+
+def _warm_up(methods: list[Method], tokenizer, questions: list[Question], n: int, max_new_tokens: int,
+             sampling: SamplingParams) -> None:
+    from ..chat import encode_chat
+
+    for q in questions[:n]:
+        ids = encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}])
+        for m in methods:
+            m.decode(ids, min(max_new_tokens, WARMUP_MAX_NEW_TOKENS), sampling)
+
+
+def run_question(q: Question, index: int, methods: list[Method], model, tokenizer, max_new_tokens: int,
+                 sampling: SamplingParams, sink) -> dict[str, dict]:
+    """Every method on one question, each record appended to ``sink`` as soon as it is measured.
+
+    The method order rotates with ``index`` so that no method always runs first (right after
+    another question, with colder caches) or always right after a particular other method.
+    """
+    k = index % len(methods)
+    per_method: dict[str, dict] = {}
+    for position, m in enumerate(methods[k:] + methods[:k]):
+        rec = {"question_id": q.question_id, "category": q.category, "method": m.name, "turns": len(q.turns),
+               "order": position, **measure(m.decode, model, tokenizer, q, max_new_tokens, sampling)}
+        sink.write(json.dumps(rec) + "\n")
+        sink.flush()
+        per_method[m.name] = rec
+    if sampling.greedy:
+        for name, rec in per_method.items():
+            if name != "vanilla":
+                rec["first_difference"] = first_difference(rec["token_ids"], per_method["vanilla"]["token_ids"])
+    return {m.name: per_method[m.name] for m in methods}
+
+
+def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
+                   on_question: Callable[[Question, dict[str, dict]], None] | None = None) -> dict:
+    """Run the benchmark and write its files to ``config.out``; return the report.
+
+    ``target``: an already loaded ``(model, tokenizer)`` (else ``config.model`` is loaded).
+    ``on_question(question, records)`` is called after every question all methods finished.
+    Ctrl-C (KeyboardInterrupt) ends the run early; the report then covers the questions every
+    method finished and has ``interrupted: true``.
+    """
+    from tqdm.auto import tqdm
+
+    from .report import summarise, write_report
+
+    load_at_start = load_average()
+    drafts = dict(config.drafts or {})
+    methods = check_methods(config.methods, drafts)
+    for name, v, lo in (("max_new_tokens", config.max_new_tokens, 1), ("limit", config.limit, 1), ("warmup", config.warmup, 0)):
+        if v is not None and v < lo:
+            raise TurboLMError(f"{name.replace('_', '-')} must be >= {lo}, got {v}")
+    sampling = SamplingParams(temperature=config.temperature, seed=None if config.temperature == 0 else config.seed)
+    questions, skipped_rows = load_questions(config.questions)
+    if skipped_rows:
+        log.warning("%s: skipped %d malformed row(s): %s", config.questions, sum(skipped_rows.values()),
+                    ", ".join(f"{n} {why}" for why, n in skipped_rows.items()))
+    selected = select_questions(questions, config.categories, config.limit)
+
+    if target is None:
+        from ..models import load_target
+
+        from ..fastpath import apply_for_cli
+
+        target = load_target(config.model, dtype=config.dtype, device=config.device)
+        apply_for_cli(target[0], config.fast_cpu)
+    model, tokenizer = target
+    built = build_methods(methods, model, tokenizer, drafts, config.total_tokens, config.depth, config.top_k)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []  # one per (question, method), questions every method finished
+    skipped_questions: list[dict] = []
+    ratios: dict[str, list[float]] = {m: [] for m in methods if m != "vanilla"}  # for the progress bar
+    interrupted = False
+    bar = tqdm(total=len(selected), desc="spec-bench", unit="question", disable=not progress)
+    try:
+        _warm_up(built, tokenizer, selected, config.warmup, config.max_new_tokens, sampling)
+        with (out / "results.jsonl").open("w", encoding="utf-8") as sink:
+            for i, q in enumerate(selected):
+                try:
+                    per_method = run_question(q, i, built, model, tokenizer, config.max_new_tokens, sampling, sink)
+                except TurboLMError as e:  # e.g. a later turn no longer fits the model's context
+                    skipped_questions.append({"question_id": q.question_id, "reason": str(e)})
+                    bar.update(1)
+                    continue
+                records.extend(per_method.values())
+                for name, r in ratios.items():
+                    r.append(per_method[name]["tokens_per_second"] / per_method["vanilla"]["tokens_per_second"])
+                bar.set_postfix({n: f"{sum(r) / len(r):.2f}x" for n, r in ratios.items()})
+                bar.update(1)
+                if on_question is not None:
+                    on_question(q, per_method)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+
+    report = summarise(records, methods, greedy=sampling.greedy)
+    report.update(
+        machine={**describe_machine(model), "load_average_start": load_at_start, "load_average_end": load_average()},
+        config={**asdict(config), "methods": methods, "drafts": drafts,
+                "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
+                "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS)},
+        trees={m.name: m.tree for m in built if m.tree},
+        questions={"file": str(config.questions), "valid": len(questions), "selected": len(selected),
+                   "measured": report["questions_measured"], "skipped_rows": dict(skipped_rows),
+                   "skipped_questions": skipped_questions},
+        interrupted=interrupted,
+    )
+    write_report(report, out)
+    return report
