@@ -241,3 +241,19 @@ def test_cli(capsys, tiny_dir, questions, tmp_path):
     rc = main(["bench", "spec", "--questions", str(questions), "--draft", "jakiro"])
     _, stderr = capsys.readouterr()
     assert rc == 2 and "expected NAME=DIR" in stderr
+
+
+def test_per_category_and_auto_tree(tiny, drafts, questions, tmp_path, monkeypatch):
+    from turbolm.bench.spec import load_questions, select_questions
+
+    qs, _ = load_questions(questions)
+    picked = select_questions(qs, None, None, per_category=1)
+    assert [q.category for q in picked] == list(dict.fromkeys(q.category for q in qs))
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    report = run_spec_bench(config(questions, tmp_path / "auto", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
+                                   per_category=1, tree="auto"), target=tiny)
+    assert report["questions_measured"] == len(picked)
+    assert report["lossless"]["ok"] is True
+    with pytest.raises(TurboLMError, match="give one or the other"):
+        run_spec_bench(config(questions, tmp_path / "bad", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
+                              tree="auto", depth=2), target=tiny)

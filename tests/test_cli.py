@@ -118,3 +118,23 @@ def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path, monkey
     assert rc4 == 2 and "give one or the other" in err4
     rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--speculative", "jakiro", "--draft", str(tmp_path / "d"))
     assert rc == 2 and "trained for a different target" in err  # the default model is not the tiny target
+
+
+def test_demo_compares_with_vanilla(capsys, tiny_dir, tmp_path, monkeypatch):
+    """The demo streams the speculative answers and ends with a vanilla-vs-speculative table."""
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel
+    from turbolm import load_target
+
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    target, _ = load_target(tiny_dir)
+    DraftModel(DraftConfig.for_target(target)).save(tmp_path / "d")
+    assert main(["draft", "calibrate", "--draft", str(tmp_path / "d"), "--target", str(tiny_dir), "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    rc = main(["demo", "--model", str(tiny_dir), "--draft", str(tmp_path / "d"), "--max-new-tokens", "10"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.count(">>> ") == 3 and "tree auto:" in err
+    table = out[out.index("| prompt |"):].splitlines()
+    assert table[0].startswith("| prompt | tokens | vanilla tok/s | jakiro tok/s | speedup | tau | identical |")
+    assert len(table) == 2 + 3 + 1 and all(line.endswith("| yes |") for line in table[2:])
+    rc = main(["demo", "--model", str(tiny_dir), "--speculative", "none", "--max-new-tokens", "5"])
+    assert rc == 0 and "| prompt | tokens | vanilla tok/s |" in capsys.readouterr().out

@@ -141,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--json", action="store_true", help="print as JSON")
 
-    d = sub.add_parser("demo", help="stream answers of the model to three built-in prompts and print tokens/s")
+    d = sub.add_parser("demo", help="stream Jakiro speculative answers to three built-in prompts, then compare with "
+                                    "vanilla decoding: tokens/s, speedup, tau, identical outputs")
     _add_model_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--draft", default=None, help="Jakiro draft checkpoint (default: the shipped one for the default model)")
+    d.add_argument("--speculative", choices=["jakiro", "eagle2", "none"], default="jakiro",
+                   help="the method to compare with vanilla (default: jakiro); none: vanilla only")
 
     _add_draft_parser(sub)
     _add_bench_parser(sub)
@@ -333,18 +337,54 @@ def cmd_demo(args) -> int:
     from .generation import generate
 
     model, tokenizer = _load(args)
-    print(f"turbolm demo: {model.turbolm_source.name} ({str(model.dtype).replace('torch.', '')}, {model.device}), greedy, "
-          f"up to {args.max_new_tokens} new tokens per answer\n")
-    total_tokens, total_seconds = 0, 0.0
+    dtype = str(model.dtype).replace("torch.", "")
+    print(f"turbolm demo: {model.turbolm_source.name} ({dtype}, {model.device}), greedy, up to {args.max_new_tokens} "
+          f"new tokens per answer", flush=True)
+    method = None
+    if args.speculative != "none":
+        args.tree, args.candidate_mode, args.total_tokens, args.depth, args.top_k = "auto", None, None, None, None
+        method = _decoder(args, model, tokenizer)
+    generate(model, tokenizer, encode_prompt(tokenizer, "Hello"), max_new_tokens=4)  # warm-up
+    rows = []
     for prompt in DEMO_PROMPTS:
-        print(f">>> {prompt}")
-        result = generate(model, tokenizer, encode_prompt(tokenizer, prompt), max_new_tokens=args.max_new_tokens,
-                          on_text=_stream_to_stdout)
-        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]\n")
-        total_tokens += result.new_tokens
-        total_seconds += result.seconds
-    print(f"vanilla decoding: {total_tokens} tokens in {total_seconds:.1f} s = {total_tokens / total_seconds:.1f} tokens/s")
+        ids = encode_prompt(tokenizer, prompt)
+        print(f"\n>>> {prompt}")
+        if method is None:
+            van = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, on_text=_stream_to_stdout)
+            print(f"\n[{van.new_tokens} tokens, {van.tokens_per_second:.1f} tokens/s]")
+            rows.append((prompt, van, None))
+            continue
+        spec = method(ids, max_new_tokens=args.max_new_tokens, on_text=_stream_to_stdout)
+        van = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens)  # the same prompt, right after
+        print(f"\n[{spec.new_tokens} tokens at {spec.tokens_per_second:.1f} tokens/s with {args.speculative} "
+              f"(tau {spec.tau:.2f}); vanilla {van.tokens_per_second:.1f} tokens/s]")
+        rows.append((prompt, van, spec))
+    print()
+    print(_demo_table(rows, args.speculative))
     return 0
+
+
+def _demo_table(rows, name: str) -> str:
+    """Markdown table: per prompt and overall, vanilla vs the speculative method."""
+    def line(label, vans, specs):
+        v_tps = sum(r.new_tokens for r in vans) / sum(r.seconds for r in vans)
+        if specs[0] is None:
+            return f"| {label} | {sum(r.new_tokens for r in vans)} | {v_tps:.1f} |"
+        s_tps = sum(r.new_tokens for r in specs) / sum(r.seconds for r in specs)
+        steps = sum(r.target_forwards - 1 for r in specs)
+        tau = (sum(r.new_tokens for r in specs) - len(specs)) / steps if steps else 1.0
+        same = all(s.token_ids == v.token_ids for s, v in zip(specs, vans))
+        return (f"| {label} | {sum(r.new_tokens for r in vans)} | {v_tps:.1f} | {s_tps:.1f} | {s_tps / v_tps:.2f}x | "
+                f"{tau:.2f} | {'yes' if same else 'NO'} |")
+
+    if rows[0][2] is None:
+        head = "| prompt | tokens | vanilla tok/s |\n|---|---|---|"
+    else:
+        head = (f"| prompt | tokens | vanilla tok/s | {name} tok/s | speedup | tau | identical |\n"
+                "|---|---|---|---|---|---|---|")
+    body = [line(p[:40] + ("..." if len(p) > 40 else ""), [v], [s]) for p, v, s in rows]
+    body.append(line("**all**", [v for _, v, _ in rows], [s for _, _, s in rows]))
+    return "\n".join([head, *body])
 
 
 def cmd_draft_prepare(args) -> int:
@@ -420,6 +460,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (after --categories)")
+    p.add_argument("--per-category", type=int, default=None, help="only the first N questions of each category")
+    p.add_argument("--tree", choices=["auto", "fixed"], default=None,
+                   help="auto (default unless --total-tokens/--depth/--top-k): eagle2 / jakiro trees sized for this "
+                        "machine as `generate` does; fixed: each method's default tree or the flags below")
     p.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
     p.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree (default: each method's own)")
     p.add_argument("--depth", type=int, default=None, help="most levels in a draft tree (default: each method's own)")

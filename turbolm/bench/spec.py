@@ -56,6 +56,8 @@ class SpecBenchConfig:
     seed: int = 0
     limit: int | None = None
     categories: Sequence[str] | None = None
+    per_category: int | None = None  # the first N questions of each category (after --categories)
+    tree: str = "fixed"  # "auto": eagle2 / jakiro trees sized for this machine (turbolm.speculative.sizing)
     drafts: dict[str, str] = field(default_factory=dict)
     total_tokens: int | None = None
     depth: int | None = None
@@ -117,7 +119,8 @@ def load_questions(path: str | Path) -> tuple[list[Question], Counter]:
     return questions, skipped
 
 
-def select_questions(questions: list[Question], categories: Sequence[str] | None, limit: int | None) -> list[Question]:
+def select_questions(questions: list[Question], categories: Sequence[str] | None, limit: int | None,
+                     per_category: int | None = None) -> list[Question]:
     if categories:
         known = list(dict.fromkeys(q.category for q in questions))
         unknown = [c for c in categories if c not in known]
@@ -125,6 +128,9 @@ def select_questions(questions: list[Question], categories: Sequence[str] | None
             raise TurboLMError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
                                f"the questions file has: {', '.join(known)}")
         questions = [q for q in questions if q.category in set(categories)]
+    if per_category is not None:
+        seen: Counter = Counter()
+        questions = [q for q in questions if (seen.update([q.category]) or seen[q.category] <= per_category)]
     return questions[:limit] if limit is not None else questions
 
 
@@ -230,11 +236,17 @@ def _load_draft(name: str, path: str | None, model):
 
 
 def build_methods(names: Sequence[str], model, tokenizer, drafts: dict[str, str] | None = None,
-                  total_tokens=None, depth=None, top_k=None) -> list[Method]:
+                  total_tokens=None, depth=None, top_k=None, tree: str = "fixed") -> list[Method]:
     """One Method per name, in the given order; tree settings of None keep each proposer's
-    default tree."""
+    default tree; ``tree="auto"`` sizes the eagle2 / jakiro trees for this machine."""
     from ..speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
     from ..speculative.proposers.jakiro import JakiroProposer
+
+    if tree not in ("fixed", "auto"):
+        raise TurboLMError(f"tree must be fixed or auto, got {tree!r}")
+    auto = tree == "auto"
+    if auto and any(v is not None for v in (total_tokens, depth, top_k)):
+        raise TurboLMError("--tree auto chooses --total-tokens / --depth / --top-k itself; give one or the other")
 
     def speculative(name, proposer):
         d = proposer.default_tree
@@ -244,6 +256,15 @@ def build_methods(names: Sequence[str], model, tokenizer, drafts: dict[str, str]
             top_k=d.top_k if top_k is None else top_k,
         )
         gen = SpeculativeGenerator(model, tokenizer, proposer, tree)
+        if auto and name in DRAFT_METHODS:
+            from ..speculative.draft.model import shipped_draft
+            from ..speculative.sizing import auto_tree, stored_acceptance
+
+            path = Path(drafts.get(name) or shipped_draft(name)).resolve()
+            choice = auto_tree(gen, acceptance=stored_acceptance(path), draft_id=f"{path}",
+                               log=lambda m: log.warning("%s", m))
+            log.warning("%s: %s", name, choice.explain())
+            tree = choice.tree
         return Method(name, lambda ids, n, sampling: gen.generate(ids, max_new_tokens=n, sampling=sampling), vars(tree).copy())
 
     drafts = drafts or {}
@@ -399,7 +420,9 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     if skipped_rows:
         log.warning("%s: skipped %d malformed row(s): %s", config.questions, sum(skipped_rows.values()),
                     ", ".join(f"{n} {why}" for why, n in skipped_rows.items()))
-    selected = select_questions(questions, config.categories, config.limit)
+    if config.per_category is not None and config.per_category < 1:
+        raise TurboLMError(f"per-category must be >= 1, got {config.per_category}")
+    selected = select_questions(questions, config.categories, config.limit, config.per_category)
 
     if target is None:
         from ..models import load_target
@@ -409,7 +432,7 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
         target = load_target(config.model, dtype=config.dtype, device=config.device)
         apply_for_cli(target[0], config.fast_cpu)
     model, tokenizer = target
-    built = build_methods(methods, model, tokenizer, drafts, config.total_tokens, config.depth, config.top_k)
+    built = build_methods(methods, model, tokenizer, drafts, config.total_tokens, config.depth, config.top_k, config.tree)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
