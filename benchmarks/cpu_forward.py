@@ -62,14 +62,9 @@ def transposed(model):
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from turbolm.bench.machine import cpu_model
+
+    return cpu_model()
 
 
 def machine() -> dict:

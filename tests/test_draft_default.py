@@ -29,3 +29,16 @@ def test_shipped_draft_is_lossless_and_accepted(default_model, arch, mode):
         assert res.token_ids == generate(model, tok, ids, max_new_tokens=64).token_ids
         taus.append(res.tau)
     assert sum(taus) / len(taus) > 1.5, taus
+
+
+def test_demo_on_the_default_model(capsys):
+    """`make demo`'s command: shipped Jakiro draft, stored acceptance statistics, tree sized for
+    this machine, fast CPU kernels where they help; every answer identical to vanilla's."""
+    from turbolm.cli import main
+
+    assert (shipped_draft("jakiro") / "acceptance.json").is_file()
+    rc = main(["demo", "--max-new-tokens", "48"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "tree auto:" in err and "measuring this draft's acceptance" not in err
+    table = out[out.index("| prompt |"):].splitlines()
+    assert len(table) == 6 and all(line.endswith("| yes |") for line in table[2:]), table

@@ -277,13 +277,9 @@ def machine_info() -> dict:
     import transformers
 
     from . import __version__
+    from .bench.machine import cpu_model
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     info = {
         "turbolm": __version__,
         "python": platform.python_version(),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -307,14 +306,10 @@ def choose_tree(acceptance: AcceptanceTable, verify_s: dict[int, float], draft_s
 
 
 def _machine_key(target, proposer, extra: str) -> str:
+    from ..bench.machine import cpu_model
     from ..models import model_identity
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     device = target.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     from ..fastpath import is_optimized
