@@ -48,6 +48,12 @@ CALIBRATION_PROMPTS = (
     "How many clips did Natalia sell altogether in April and May?",
     "Summarize: The Industrial Revolution began in Britain in the late 18th century and spread to "
     "Europe and North America, transforming economies from agriculture to manufacturing.",
+    "Pretend you are a tour guide in Rome and welcome a group of visitors.",
+    "Extract the names and dates from this text: Marie Curie won the Nobel Prize in 1903 and again in 1911.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "If a train travels 60 miles in 1.5 hours, what is its average speed? Explain step by step.",
+    "Describe the water cycle for a ten-year-old.",
+    "Give three tips for staying productive while working from home.",
 )
 ACCEPTANCE_FILE = "acceptance.json"
 
