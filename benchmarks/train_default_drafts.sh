@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # The recipe of the shipped drafts (turbolm/checkpoints/): the target writes its own greedy
-# answers to the Alpaca instructions (--regenerate), the final-norm features are stored, and a
-# Jakiro and an EAGLE-2 draft are trained on the same features with the same budget.
+# answers to the first 2,560 Alpaca instructions (--regenerate), the final-norm features are
+# stored, and a Jakiro and an EAGLE-2 draft are trained on the same features with the same
+# budget (2 epochs), then their acceptance statistics are measured for --tree auto.
 # Resumable: rerun the same command after an interruption. fp16 copies to ship land in
 # $WORK/ship/{jakiro,eagle2}.
 #
-#   bash benchmarks/train_default_drafts.sh                      # CPU, default model (hours)
-#   DEVICE=cuda PREP_BATCH=640 SHARD_SIZE=1280 PARALLEL=1 bash benchmarks/train_default_drafts.sh   # GPU (minutes)
+# The regeneration is the expensive part on a CPU (batched greedy generation of ~2,560 answers
+# of up to 256 tokens: hours on 2 cores); on a GPU it takes minutes (an H200 answered all
+# 5,000 instructions in 2 min 19 s). The shipped drafts were made that way: answers
+# regenerated on an H200, token ids exported (turbolm.speculative.draft.data.export_tokens), features
+# (`turbolm draft prepare --from-tokens`, 23 min) and training (2 threads shared by both drafts)
+# on the 2-core CPU.
+#
+#   bash benchmarks/train_default_drafts.sh                                  # CPU only
+#   DEVICE=cuda PREP_BATCH=640 SHARD_SIZE=1280 PARALLEL=1 bash benchmarks/train_default_drafts.sh   # GPU
 set -euo pipefail
 PY=${PYTHON:-python}
 TARGET=${TARGET:-}                # model source; empty = the default SmolLM2-135M-Instruct
 DATA=${DATA:-../shared/data/alpaca/alpaca_5000.json}
 WORK=${WORK:-runs/default-drafts}
 DEVICE=${DEVICE:-cpu}             # where the target runs while preparing (training: accelerate's choice)
-MAX_SAMPLES=${MAX_SAMPLES:-5000}
+MAX_SAMPLES=${MAX_SAMPLES:-2560}
 MAX_LENGTH=${MAX_LENGTH:-512}
 PREP_BATCH=${PREP_BATCH:-8}
 SHARD_SIZE=${SHARD_SIZE:-256}      # rows per shard (and per generation round)
-EPOCHS=${EPOCHS:-10}
-BATCH=${BATCH:-16}
+EPOCHS=${EPOCHS:-2}
+BATCH=${BATCH:-8}
 LR=${LR:-1e-3}
 VOCAB=${VOCAB:-8192}
 PARALLEL=${PARALLEL:-0}           # 1: train both drafts at once (a GPU has room for both)

@@ -257,3 +257,14 @@ def test_per_category_and_auto_tree(tiny, drafts, questions, tmp_path, monkeypat
     with pytest.raises(TurboLMError, match="give one or the other"):
         run_spec_bench(config(questions, tmp_path / "bad", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
                               tree="auto", depth=2), target=tiny)
+
+
+def test_cli_per_category_and_tree_flags(capsys, tiny_dir, questions, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cli2"
+    rc = main(["bench", "spec", "--questions", str(questions), "--model", str(tiny_dir), "--methods", "vanilla,prompt-lookup",
+               "--max-new-tokens", "4", "--per-category", "1", "--warmup", "0", "--fast-cpu", "off", "--out", str(out)])
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert rc == 0 and report["config"]["per_category"] == 1 and report["config"]["tree"] == "auto"
+    assert report["config"]["fast_cpu"] == "off" and report["machine"]["fast_cpu"] is False

@@ -482,7 +482,8 @@ def cmd_bench(args) -> int:
         questions=args.questions, out=args.out, methods=args.methods.split(","), model=args.model, device=args.device,
         dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
-        top_k=args.top_k, warmup=args.warmup,
+        top_k=args.top_k, warmup=args.warmup, fast_cpu=args.fast_cpu, per_category=args.per_category,
+        tree=args.tree or ("fixed" if any(v is not None for v in (args.total_tokens, args.depth, args.top_k)) else "auto"),
     )
     report = run_spec_bench(config, progress=True)
     print((Path(args.out) / "report.md").read_text())
