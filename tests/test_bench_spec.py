@@ -268,3 +268,31 @@ def test_cli_per_category_and_tree_flags(capsys, tiny_dir, questions, tmp_path, 
     report = json.loads((out / "report.json").read_text())
     assert rc == 0 and report["config"]["per_category"] == 1 and report["config"]["tree"] == "auto"
     assert report["config"]["fast_cpu"] == "off" and report["machine"]["fast_cpu"] is False
+
+
+def test_report_numbers_from_a_fake_results_file():
+    """Speedup = mean of per-question ratios (not ratio of totals), tau from the accepted-length
+    histogram (bonus token included), grouping by category, differing outputs counted."""
+    from turbolm.bench.report import summarise
+
+    def rec(qid, cat, method, tokens, seconds, hist=None, diff=None):
+        return {"question_id": qid, "category": cat, "method": method, "new_tokens": tokens, "seconds": seconds,
+                "tokens_per_second": tokens / seconds, "tau": 1.0, "target_forwards": 0,
+                "accepted_length_histogram": hist, "first_difference": diff}
+
+    records = [
+        rec(1, "qa", "vanilla", 10, 1.0, {"1": 9}), rec(1, "qa", "jakiro", 10, 0.5, {"3": 3}),
+        rec(2, "qa", "vanilla", 20, 4.0, {"1": 19}), rec(2, "qa", "jakiro", 20, 1.0, {"1": 1, "2": 9}),
+        rec(3, "math", "vanilla", 30, 3.0, {"1": 29}),
+        rec(3, "math", "jakiro", 30, 3.0, {"2": 10, "4": 2}, diff={"turn": 0, "position": 5}),
+    ]
+    rep = summarise(records, ["vanilla", "jakiro"], greedy=True)
+    j = rep["methods"]["jakiro"]
+    assert j["categories"]["qa"]["speedup"] == pytest.approx((2.0 + 4.0) / 2)  # mean of per-question ratios
+    assert j["categories"]["qa"]["speedup_of_totals"] == pytest.approx((30 / 1.5) / (30 / 5.0))
+    assert j["categories"]["qa"]["tau"] == pytest.approx((3 * 3 + 1 + 2 * 9) / (3 + 1 + 9))
+    assert j["categories"]["math"]["tau"] == pytest.approx((2 * 10 + 4 * 2) / 12)
+    assert j["overall"]["speedup"] == pytest.approx((2.0 + 4.0 + 1.0) / 3)
+    assert j["overall"]["tau"] == pytest.approx((9 + 1 + 18 + 20 + 8) / (3 + 10 + 12))
+    assert rep["categories"] == ["qa", "math"] and j["overall"]["differ"] == 1 and j["categories"]["qa"]["differ"] == 0
+    assert rep["lossless"] == {"checked": True, "ours_differing": 1, "ok": False}
