@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TurboLMError
+from ...fastpath import linear as fast_linear
 from ...models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
@@ -216,10 +217,8 @@ class DraftModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of predicted features through the target's lm_head rows."""
-        from ...fastpath import linear
-
         # F.linear itself wherever the fast path does not apply (training, GPU, other dtypes).
-        return linear(hidden.to(lm_head_weight.dtype), self.head_weight(lm_head_weight))
+        return fast_linear(hidden.to(lm_head_weight.dtype), self.head_weight(lm_head_weight))
 
     def head_weight(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """The target lm_head rows of the draft vocabulary. The target is frozen, so the gathered
