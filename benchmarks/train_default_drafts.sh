@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The recipe of the shipped drafts (turbolm/checkpoints/): the target writes its own greedy
+# Drafts for the default model from the target's own answers: the target writes its greedy
 # answers to the first 2,560 Alpaca instructions (--regenerate), the final-norm features are
-# stored, and a Jakiro and an EAGLE-2 draft are trained on the same features with the same
-# budget (2 epochs), then their acceptance statistics are measured for --tree auto.
-# Resumable: rerun the same command after an interruption. fp16 copies to ship land in
+# stored, a Jakiro and an EAGLE-2 draft are trained on the same features with the same budget
+# (2 epochs), and their acceptance statistics are measured for --tree auto. This is the
+# regenerated-data experiment of the README (same Spec-Bench tau as the shipped drafts, which
+# come from the dataset's own answers: the "Training pipeline" commands there).
+# Resumable: rerun the same command after an interruption. fp16 copies land in
 # $WORK/ship/{jakiro,eagle2}.
 #
 # The regeneration is the expensive part on a CPU (batched greedy generation of ~2,560 answers
 # of up to 256 tokens: hours on 2 cores); on a GPU it takes minutes (an H200 answered all
-# 5,000 instructions in 2 min 19 s). The shipped drafts were made that way: answers
-# regenerated on an H200, token ids exported (turbolm.speculative.draft.data.export_tokens), features
-# (`turbolm draft prepare --from-tokens`, 23 min) and training (2 threads shared by both drafts)
-# on the 2-core CPU.
+# 5,000 instructions in 2 min 19 s). The README's numbers were made that way: answers
+# regenerated on an H200, token ids exported (turbolm.speculative.draft.data.export_tokens),
+# features (`turbolm draft prepare --from-tokens`, 23 min) and training on the 2-core CPU.
 #
 #   bash benchmarks/train_default_drafts.sh                                  # CPU only
 #   DEVICE=cuda PREP_BATCH=640 SHARD_SIZE=1280 PARALLEL=1 bash benchmarks/train_default_drafts.sh   # GPU
