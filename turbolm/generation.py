@@ -288,6 +288,12 @@ def generate(
     )
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA) so a wall-clock reading covers it; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class FeatureCapture:
     """Captures the target's last hidden state as the lm_head consumes it (the output of the
     decoder's final norm) during forwards run inside ``with``. ``features`` holds the latest

@@ -26,7 +26,7 @@ import torch
 
 from ..chat import run_turns
 from ..errors import TurboLMError
-from ..generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate
+from ..generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate, synchronize
 from .machine import describe_machine, load_average
 
 log = logging.getLogger(__name__)
@@ -303,11 +303,6 @@ def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
 # --- measuring ------------------------------------------------------------------------------
 
 
-def _sync(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-
-
 def measure(decode: Decoder, model, tokenizer, question: Question, max_new_tokens: int,
             sampling: SamplingParams) -> dict:
     """Answer every turn of ``question`` with one method; the summed measurements and outputs."""
@@ -316,10 +311,10 @@ def measure(decode: Decoder, model, tokenizer, question: Question, max_new_token
 
     def respond(ids):
         nonlocal seconds
-        _sync(model)
+        synchronize(model.device)
         t0 = time.perf_counter()
         r = decode(ids, max_new_tokens, sampling)
-        _sync(model)
+        synchronize(model.device)
         seconds += time.perf_counter() - t0
         results.append(r)
         return r.text

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TurboLMError
+from ..generation import synchronize
 from .tree import Tree, TreeConfig
 
 GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -164,18 +165,13 @@ def record_acceptance(generator, tokenizer, prompts=CALIBRATION_PROMPTS, max_new
 # --- timing ------------------------------------------------------------------------------------
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn, repeats: int, device) -> float:
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

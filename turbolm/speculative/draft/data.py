@@ -304,6 +304,22 @@ def _write_shard(path: Path, samples: list[_Sample], features: list[torch.Tensor
     os.replace(tmp, path)
 
 
+def _append_shard(out: Path, meta: dict, samples: list[_Sample], features: list[torch.Tensor], start: int, end: int) -> None:
+    """Write rows ``start..end``'s samples as the next shard (none if all were skipped) and
+    record them in meta, which is written last: a kill in between leaves an unlisted shard
+    that the resumed run removes."""
+    if samples:
+        name = f"shard-{len(meta['shards']):05d}.safetensors"
+        _write_shard(out / name, samples, features)
+        meta["shards"].append({"file": name, "samples": len(samples), "tokens": sum(len(s.input_ids) for s in samples),
+                               "rows": [start, end]})
+    meta["rows_done"] = end
+    meta["samples"] += len(samples)
+    meta["tokens"] += sum(len(s.input_ids) for s in samples)
+    meta["loss_tokens"] += sum(sum(s.loss_mask) for s in samples)
+    _write_json(out / META, meta)
+
+
 def read_meta(directory: str | os.PathLike) -> dict:
     """The ``meta.json`` of a prepared feature directory."""
     directory = Path(directory)
@@ -425,18 +441,9 @@ class _Preparation:
         samples = self.regenerated(picked, skipped, bar) if self.meta["regenerate"] else picked
         features = extract_features(self.model, [s.input_ids for s in samples], batch_size=self.batch_size,
                                     dtype=self.features_dtype)
-        if samples:
-            name = f"shard-{len(self.meta['shards']):05d}.safetensors"
-            _write_shard(self.out / name, samples, features)
-            self.meta["shards"].append({"file": name, "samples": len(samples), "tokens": sum(len(s.input_ids) for s in samples),
-                                        "rows": [start, end]})
-        self.meta["rows_done"] = end
-        self.meta["samples"] += len(samples)
-        self.meta["tokens"] += sum(len(s.input_ids) for s in samples)
-        self.meta["loss_tokens"] += sum(sum(s.loss_mask) for s in samples)
         for reason, n in skipped.items():
             self.meta["skipped"][reason] = self.meta["skipped"].get(reason, 0) + n
-        _write_json(self.out / META, self.meta)
+        _append_shard(self.out, self.meta, samples, features, start, end)
         bar.update(len(samples))
 
     def candidate(self, i: int) -> _Sample | _Prompt:
@@ -686,15 +693,7 @@ def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int 
         while meta["rows_done"] < len(samples):
             chunk = samples[meta["rows_done"] : meta["rows_done"] + shard_size]
             features = extract_features(model, [s.input_ids for s in chunk], batch_size=batch_size, dtype=features_dtype)
-            name = f"shard-{len(meta['shards']):05d}.safetensors"
-            _write_shard(out / name, chunk, features)
-            meta["shards"].append({"file": name, "samples": len(chunk), "tokens": sum(len(s.input_ids) for s in chunk),
-                                   "rows": [meta["rows_done"], meta["rows_done"] + len(chunk)]})
-            meta["rows_done"] += len(chunk)
-            meta["samples"] += len(chunk)
-            meta["tokens"] += sum(len(s.input_ids) for s in chunk)
-            meta["loss_tokens"] += sum(sum(s.loss_mask) for s in chunk)
-            _write_json(out / META, meta)
+            _append_shard(out, meta, chunk, features, meta["rows_done"], meta["rows_done"] + len(chunk))
             bar.update(len(chunk))
     meta["complete"] = True
     _write_json(out / META, meta)
