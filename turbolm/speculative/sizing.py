@@ -128,9 +128,9 @@ class AcceptanceTable:
                 if int(n) >= int(d)]
 
     def save(self, path: str | os.PathLike) -> None:
-        from .draft.model import _atomic_write
+        from ..checkpointing import atomic_write
 
-        _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(asdict(self), indent=None)))
+        atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(asdict(self), indent=None)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcceptanceTable:

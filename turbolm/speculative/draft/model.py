@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...checkpointing import atomic_write
 from ...errors import TurboLMError
 from ...fastpath import linear as fast_linear
 from ...models import identity_mismatch, model_identity
@@ -246,19 +246,8 @@ class DraftModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
-        _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"

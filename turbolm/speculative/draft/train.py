@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import TurboLMError
-from .model import DraftConfig, DraftModel, KVCache, _atomic_write
+from ...checkpointing import load_training_state, save_training_state
+from .model import DraftConfig, DraftModel, KVCache
 
 
 @dataclass
@@ -228,42 +228,6 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save_state(out: Path, draft, optimizer, state: dict) -> None:
-    """Write the resumable training state to a fresh directory, then point ``latest.json`` at it."""
-    from safetensors.torch import save_file
-
-    d = out / f"state-{state['step']:07d}"
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}, str(d / "draft.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
-    save_file(tensors or {"_empty": torch.zeros(1)}, str(d / "optimizer.safetensors"))
-    (d / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=1))
-    _atomic_write(out / "latest.json", lambda p: Path(p).write_text(json.dumps({"state": d.name, "step": state["step"]})))
-    for old in out.glob("state-*"):
-        if old != d:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_state(out: Path, draft, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        d = out / json.loads((out / "latest.json").read_text())["state"]
-        state = json.loads((d / "state.json").read_text())
-        draft.load_state_dict(load_file(str(d / "draft.safetensors")), strict=True)
-        tensors = load_file(str(d / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise TurboLMError(f"cannot resume from {out}: {e}") from None
-    per_param: dict[int, dict] = {}
-    for key, t in tensors.items():
-        if key != "_empty":
-            i, name = key.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = t
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
-    return state
-
-
 def _log(out: Path, row: dict) -> None:
     with open(out / "train_log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -326,7 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     total = per_epoch * cfg.epochs
     state = {"step": 0, "epoch": 0, "batch": 0, "config": asdict(cfg), "seconds": 0.0}
     if resume:
-        state = _load_state(out, draft, optimizer)
+        state = load_training_state(out, draft, optimizer, weights="draft.safetensors")
         if _settings(state["config"]) != _settings(asdict(cfg)):
             raise TurboLMError(f"{out} was trained with other settings; resume it with the same flags")
     draft, optimizer = accelerator.prepare(draft, optimizer)
@@ -361,7 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 _log(out, {"step": state["step"], "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w, dataset, eval_idx, cfg.eval_depth)})
             if state["step"] % cfg.save_every == 0:
                 state["seconds"] = time.perf_counter() - t_start
-                _save_state(out, accelerator.unwrap_model(draft), optimizer, state)
+                save_training_state(out, accelerator.unwrap_model(draft), optimizer, state, weights="draft.safetensors")
         if state["batch"] >= len(batches):
             state["epoch"] += 1
             state["batch"] = 0
@@ -370,7 +334,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                            "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w, dataset, eval_idx, cfg.eval_depth)})
     bar.close()
     state["seconds"] = time.perf_counter() - t_start
-    _save_state(out, accelerator.unwrap_model(draft), optimizer, state)
+    save_training_state(out, accelerator.unwrap_model(draft), optimizer, state, weights="draft.safetensors")
     final = accelerator.unwrap_model(draft)
     finished = state["epoch"] >= cfg.epochs
     if finished:
