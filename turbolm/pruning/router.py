@@ -1,0 +1,77 @@
+"""Token routers: a score per (token, block) from the four factors; higher = more worth computing.
+
+In prefill a block computes the top (1 - s_block) fraction of tokens by score; in decoding the
+newest token runs a block when :meth:`keep_decode` says so (learned: sigmoid(score) >= threshold).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .factors import FACTOR_NAMES
+
+ROUTER_KINDS = ("learned", "static", "random")
+
+
+class StaticRouter:
+    """FTP's fixed priority: the first token (forced by the pruner), then the most recent tokens;
+    the early middle tokens are skipped first. The newest decoded token therefore always runs."""
+
+    kind = "static"
+
+    def scores(self, factors: torch.Tensor) -> torch.Tensor:
+        return factors[..., 0]
+
+    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
+        return torch.ones(factors.shape[:-2], dtype=torch.bool, device=factors.device)
+
+
+class RandomRouter:
+    """Uniformly random token choice (the ablation); in decoding a block runs with probability 1 - s."""
+
+    kind = "random"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, factors: torch.Tensor) -> torch.Tensor:
+        return torch.rand(factors.shape[:-1], generator=self.generator).to(factors.device)
+
+    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
+        s = factors[..., -1, 3].cpu()
+        return (torch.rand(s.shape, generator=self.generator) >= s).to(factors.device)
+
+
+class LearnedRouter(nn.Module):
+    """FTP's global router: one MLP shared by all blocks, 4 -> hidden -> 1 (a logit per token)."""
+
+    kind = "learned"
+
+    def __init__(self, hidden: int = 64, threshold: float = 0.5, inputs: tuple[str, ...] = FACTOR_NAMES):
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.mask = torch.tensor([name in self.inputs for name in FACTOR_NAMES], dtype=torch.float32)
+        self.net = nn.Sequential(nn.Linear(len(FACTOR_NAMES), hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.threshold = threshold
+
+    def forward(self, factors: torch.Tensor) -> torch.Tensor:
+        # A removed factor (ablation) is zeroed, so checkpoints keep one shape.
+        x = factors.to(self.net[0].weight.dtype) * self.mask.to(factors.device)
+        return self.net(x).squeeze(-1)
+
+    def scores(self, factors: torch.Tensor) -> torch.Tensor:
+        return self(factors)
+
+    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(factors[..., -1, :])) >= self.threshold
+
+
+def make_router(kind: str, seed: int = 0, **kwargs):
+    if kind == "static":
+        return StaticRouter()
+    if kind == "random":
+        return RandomRouter(seed)
+    if kind == "learned":
+        return LearnedRouter(**kwargs)
+    raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTER_KINDS)}")

@@ -1,0 +1,427 @@
+"""Token skipping for Hugging Face decoder models, by wrapping each decoder layer's forward.
+
+Per block ``l`` with target sparsity ``s_l``, a router scores the tokens and the block computes
+only the kept ones: their hidden states are gathered into a smaller batch, run through the
+unmodified layer with their original rotary positions and a causal mask among the kept tokens
+(plus everything in that block's KV cache), and scattered back; skipped tokens keep their
+hidden state (residual pass-through). So a block costs what its kept tokens cost.
+
+- The first token of a sequence (the attention sink) is always kept.
+- ``dense_kv=True`` (ablation): skipped tokens still provide keys/values - the block runs on
+  every token and the skipped ones are reset to their input, which is exactly "kept queries
+  attend to all keys"; it saves no time.
+- Decoding (one new token): the newest token runs block ``l`` when the router's
+  ``keep_decode`` says so (learned router: sigmoid(score) >= threshold), otherwise it skips
+  it and leaves no keys/values there. Each block's KV cache therefore holds only the tokens
+  computed in that block, and positions are tracked by the pruner (not from cache lengths).
+- Training mode (``pruner.training_mode = True``, no cache): every token runs, with the
+  attention restricted to the kept tokens' keys, and the block's update is multiplied by a
+  straight-through gate (hard keep decision forward, sigmoid gradient backward). For the
+  kept tokens this computes exactly what the gathered inference path computes.
+
+Supported: Llama-family layouts (``model.model.layers[i].self_attn.{q,k}_proj``, rotary
+``model.model.rotary_emb``): Llama, Qwen2, Mistral (sliding windows longer than the prompt),
+with the ``sdpa`` or ``eager`` attention implementation. Decoding with a cache needs batch 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TurboLMError
+from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def decoder_layers(model):
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not len(layers) or not hasattr(layers[0], "self_attn"):
+        raise TurboLMError(f"token pruning supports Llama-style decoder models; {type(model).__name__} "
+                           "has no model.layers[i].self_attn")
+    for name in ("q_proj", "k_proj"):
+        if not hasattr(layers[0].self_attn, name):
+            raise TurboLMError(f"token pruning needs separate q/k projections; {type(model).__name__} has no {name}")
+    return layers
+
+
+@dataclass
+class SkipStats:
+    """(token, block) pairs seen and skipped, for prefill (many tokens) and decode (one token)."""
+
+    prefill_pairs: int = 0
+    prefill_skipped: int = 0
+    decode_pairs: int = 0
+    decode_skipped: int = 0
+    per_block_skipped: list[int] = field(default_factory=list)
+    per_block_pairs: list[int] = field(default_factory=list)
+
+    def add(self, block: int, pairs: int, skipped: int, decode: bool):
+        while len(self.per_block_pairs) <= block:
+            self.per_block_pairs.append(0)
+            self.per_block_skipped.append(0)
+        self.per_block_pairs[block] += pairs
+        self.per_block_skipped[block] += skipped
+        if decode:
+            self.decode_pairs += pairs
+            self.decode_skipped += skipped
+        else:
+            self.prefill_pairs += pairs
+            self.prefill_skipped += skipped
+
+    @property
+    def prefill_sparsity(self) -> float:
+        return self.prefill_skipped / self.prefill_pairs if self.prefill_pairs else 0.0
+
+    @property
+    def decode_sparsity(self) -> float:
+        return self.decode_skipped / self.decode_pairs if self.decode_pairs else 0.0
+
+    def to_json(self) -> dict:
+        return {"prefill_sparsity": round(self.prefill_sparsity, 4), "decode_sparsity": round(self.decode_sparsity, 4),
+                "prefill_pairs": self.prefill_pairs, "decode_pairs": self.decode_pairs,
+                "per_block_sparsity": [round(s / p, 4) if p else 0.0
+                                       for s, p in zip(self.per_block_skipped, self.per_block_pairs)]}
+
+
+class _Sequence:
+    """What the pruner remembers about one sequence across forwards (one per KV cache)."""
+
+    def __init__(self, batch: int, num_layers: int, device):
+        self.length = 0
+        self.attention = torch.empty(batch, 0, device=device)
+        self.key_positions: list[torch.Tensor | None] = [None] * num_layers
+
+
+@dataclass
+class _Forward:
+    sequence: _Sequence
+    positions: torch.Tensor  # (B, T) true positions of this forward's tokens
+    cos: torch.Tensor
+    sin: torch.Tensor
+    decode: bool
+
+
+class TokenPruner:
+    """Attach token skipping to ``model`` (in place; :meth:`detach` restores it).
+
+    ``router``: a router from :mod:`.router`; ``schedule``: per-block sparsity (one per layer).
+    Use it as a context manager, or call attach()/detach(). ``with pruner.disabled():`` runs
+    the dense model (e.g. the teacher during router training).
+    """
+
+    def __init__(self, model, router, schedule, *, dense_kv: bool = False, attention_queries: int = 8,
+                 train_records: bool = False):
+        self.model = model
+        self.layers = decoder_layers(model)
+        if len(schedule) != len(self.layers):
+            raise TurboLMError(f"the sparsity schedule has {len(schedule)} blocks but the model has "
+                               f"{len(self.layers)} layers")
+        if any(not 0.0 <= s < 1.0 for s in schedule):
+            raise TurboLMError("every block sparsity must be in [0, 1)")
+        impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+        if impl not in SUPPORTED_ATTENTION:
+            raise TurboLMError(f"token pruning supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
+                               f"not {impl!r}; load the model with attn_implementation='sdpa'")
+        self.attn_impl = impl
+        self.router = router
+        self.schedule = [float(s) for s in schedule]
+        self.dense_kv = dense_kv
+        self.attention_queries = attention_queries
+        self.enabled = True
+        self.training_mode = False
+        self.train_records = train_records
+        self.records: list[dict] = []
+        self.stats = SkipStats()
+        self._sequences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._forward: _Forward | None = None
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._attached = False
+
+    # -- attaching ---------------------------------------------------------------------------
+    def attach(self) -> "TokenPruner":
+        if self._attached:
+            return self
+        if getattr(self.model, "turbolm_pruner", None) is not None:
+            raise TurboLMError("this model already has a token pruner attached; detach it first")
+        for idx, layer in enumerate(self.layers):
+            orig = layer.forward
+            layer.forward = self._make_forward(idx, orig)
+            for name in ("q_proj", "k_proj"):
+                mod = getattr(layer.self_attn, name)
+                self._handles.append(mod.register_forward_hook(self._capture(name)))
+        self.model.turbolm_pruner = self
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        if not self._attached:
+            return
+        for layer in self.layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model.turbolm_pruner = None
+        self._attached = False
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    def reset_stats(self) -> None:
+        self.stats = SkipStats()
+
+    def _capture(self, name):
+        def hook(module, args, output):
+            if self.enabled:
+                self._captured[name] = output
+        return hook
+
+    def _make_forward(self, idx, orig):
+        def forward(hidden_states, *args, **kwargs):
+            if not self.enabled:
+                return orig(hidden_states, *args, **kwargs)
+            return self._layer(idx, orig, hidden_states, args, kwargs)
+        return forward
+
+    # -- one forward -------------------------------------------------------------------------
+    def _begin(self, hidden: torch.Tensor, kwargs: dict) -> _Forward:
+        B, T, _ = hidden.shape
+        cache = _cache_of(kwargs)
+        seq = self._sequences.get(cache) if cache is not None else None
+        if seq is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise TurboLMError("this KV cache was filled without the token pruner; prefill with the pruner attached")
+            seq = _Sequence(B, len(self.layers), hidden.device)
+            if cache is not None:
+                self._sequences[cache] = seq
+        if cache is not None and B != 1 and T == 1:
+            raise TurboLMError("decoding with token pruning supports batch size 1")
+        positions = (torch.arange(T, device=hidden.device) + seq.length).unsqueeze(0).expand(B, T)
+        given = kwargs.get("position_ids")
+        pe = kwargs.get("position_embeddings")
+        if pe is None or given is None or given.shape[-1] != T or not torch.equal(given.expand(B, T), positions):
+            # The model derives positions from layer 0's cache length, which skipping makes
+            # shorter than the sequence: recompute the rotary tables for the true positions.
+            rotary = getattr(getattr(self.model, "model", self.model), "rotary_emb")
+            pe = rotary(hidden, positions)
+        cos, sin = pe
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        seq.attention = torch.cat([seq.attention, torch.full((B, T), UNIFORM_ATTENTION, device=hidden.device)], 1)
+        return _Forward(seq, positions, cos, sin, decode=(T == 1 and seq.length > 0))
+
+    def _layer(self, idx, orig, hidden, args, kwargs):
+        if idx == 0 or self._forward is None:
+            self._forward = self._begin(hidden, kwargs)
+        fw = self._forward
+        try:
+            if self.training_mode:
+                out = self._train_block(idx, orig, hidden, args, kwargs, fw)
+            elif fw.decode:
+                out = self._decode_block(idx, orig, hidden, args, kwargs, fw)
+            else:
+                out = self._prefill_block(idx, orig, hidden, args, kwargs, fw)
+        finally:
+            self._captured.clear()
+            if idx == len(self.layers) - 1:
+                fw.sequence.length += hidden.shape[1]
+                self._forward = None
+        return out
+
+    def _factors(self, idx: int, fw: _Forward, positions: torch.Tensor) -> torch.Tensor:
+        seq = fw.sequence
+        return build_factors(positions, seq.attention.shape[1], seq.attention, self.schedule[idx],
+                             rank=rank_of(seq.attention))
+
+    def _n_skip(self, idx: int, T: int, fw: _Forward) -> int:
+        has_sink = bool(fw.positions[0, 0] == 0)
+        return max(0, min(int(self.schedule[idx] * T + 0.5), T - 1 if has_sink or T > 1 else 0))
+
+    def _keep_indices(self, scores: torch.Tensor, n_keep: int, fw: _Forward) -> torch.Tensor:
+        scores = scores.float().clone()
+        scores[fw.positions == 0] = float("inf")
+        return scores.topk(n_keep, dim=1).indices.sort(dim=1).values
+
+    def _call(self, orig, hidden, args, kwargs, positions, cos, sin, mask, cache):
+        kw = dict(kwargs)
+        kw["attention_mask"] = mask
+        kw["position_ids"] = positions
+        kw["position_embeddings"] = (cos, sin)
+        if "cache_position" in kw:
+            kw["cache_position"] = positions[0]
+        if cache is None:
+            kw.pop("cache", None)
+            kw.pop("past_key_values", None)
+            kw["use_cache"] = False
+        return orig(hidden, *args, **kw)
+
+    def _mask(self, n_query: int, n_past: int, dtype, device, batch: int, allowed: torch.Tensor | None = None):
+        """Additive mask (B, 1, q, past + q): everything in the cache is earlier, new keys causal."""
+        if allowed is None:
+            if n_past == 0 and self.attn_impl == "sdpa" and n_query > 1:
+                return None  # sdpa's own causal kernel
+            new = torch.ones(n_query, n_query, dtype=torch.bool, device=device).tril()
+            allowed = torch.cat([torch.ones(n_query, n_past, dtype=torch.bool, device=device), new], 1)
+            allowed = allowed.expand(batch, 1, -1, -1)
+        neg = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, neg)
+
+    def _prefill_block(self, idx, orig, hidden, args, kwargs, fw):
+        B, T, D = hidden.shape
+        cache = _cache_of(kwargs)
+        n_skip = self._n_skip(idx, T, fw)
+        seq = fw.sequence
+        past = seq.key_positions[idx]
+        n_past = 0 if past is None else past.shape[1]
+        if n_skip == 0:
+            keep_idx = None
+        else:
+            factors = self._factors(idx, fw, fw.positions)
+            keep_idx = self._keep_indices(self.router.scores(factors), T - n_skip, fw)
+        self.stats.add(idx, B * T, B * n_skip, decode=False)
+        if keep_idx is None or self.dense_kv:
+            mask = self._mask(T, n_past, hidden.dtype, hidden.device, B)
+            full = self._call(orig, hidden, args, kwargs, fw.positions, fw.cos, fw.sin, mask, cache)
+            if keep_idx is None:
+                out, kept_pos, kept_rows = full, fw.positions, None
+            else:
+                keep = torch.zeros(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, True)
+                out = torch.where(keep.unsqueeze(-1), full, hidden)
+                kept_pos, kept_rows = fw.positions.gather(1, keep_idx), keep_idx
+            self._record_keys(idx, fw, cache, fw.positions)
+            self._update_attention(idx, fw, cache, kept_pos, kept_rows, fw.positions, None)
+            return out
+        K = T - n_skip
+        g = keep_idx.unsqueeze(-1)
+        h_sub = hidden.gather(1, g.expand(B, K, D))
+        pos_sub = fw.positions.gather(1, keep_idx)
+        hd = fw.cos.shape[-1]
+        cos_sub = fw.cos.gather(1, g.expand(B, K, hd))
+        sin_sub = fw.sin.gather(1, g.expand(B, K, hd))
+        mask = self._mask(K, n_past, hidden.dtype, hidden.device, B)
+        out_sub = self._call(orig, h_sub, args, kwargs, pos_sub, cos_sub, sin_sub, mask, cache)
+        out = hidden.scatter(1, g.expand(B, K, D), out_sub)
+        self._record_keys(idx, fw, cache, pos_sub)
+        self._update_attention(idx, fw, cache, pos_sub, None, pos_sub, (cos_sub, sin_sub))
+        return out
+
+    def _decode_block(self, idx, orig, hidden, args, kwargs, fw):
+        cache = _cache_of(kwargs)
+        if self.schedule[idx] == 0.0:  # a dense block stays dense in decoding too
+            keep = True
+        else:
+            keep = bool(self.router.keep_decode(self._factors(idx, fw, fw.positions)).all())
+        self.stats.add(idx, 1, 0 if keep else 1, decode=True)
+        if not keep and not self.dense_kv:
+            return hidden
+        out = self._call(orig, hidden, args, kwargs, fw.positions, fw.cos, fw.sin, None, cache)
+        self._record_keys(idx, fw, cache, fw.positions)
+        if not keep:
+            return hidden
+        self._update_attention(idx, fw, cache, fw.positions, None, fw.positions, None)
+        return out
+
+    def _train_block(self, idx, orig, hidden, args, kwargs, fw):
+        """All tokens run with keys restricted to the kept tokens; straight-through gates."""
+        if _cache_of(kwargs) is not None and kwargs.get("use_cache"):
+            raise TurboLMError("training mode runs without a KV cache (use_cache=False)")
+        B, T, D = hidden.shape
+        n_skip = self._n_skip(idx, T, fw)
+        factors = self._factors(idx, fw, fw.positions)
+        logits = self.router.scores(factors)
+        keep_idx = self._keep_indices(logits.detach(), T - n_skip, fw)
+        keep = torch.zeros(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, True)
+        self.stats.add(idx, B * T, B * n_skip, decode=False)
+        causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()
+        if self.dense_kv:
+            allowed = causal.expand(B, 1, T, T)
+        else:
+            eye = torch.eye(T, dtype=torch.bool, device=hidden.device)
+            allowed = (causal & (keep[:, None, :] | eye)).unsqueeze(1)
+        mask = self._mask(T, 0, hidden.dtype, hidden.device, B, allowed=allowed)
+        full = self._call(orig, hidden, args, kwargs, fw.positions, fw.cos, fw.sin, mask, None)
+        hard = keep.to(hidden.dtype)
+        if logits.requires_grad:
+            soft = torch.sigmoid(logits).to(hidden.dtype)
+            gate = hard + soft - soft.detach()
+        else:
+            soft, gate = hard, hard
+        out = hidden + gate.unsqueeze(-1) * (full - hidden)
+        if self.train_records:
+            self.records.append({"block": idx, "soft": soft, "keep": keep, "factors": factors, "logits": logits})
+        kept_pos = fw.positions.gather(1, keep_idx)
+        key_rows = None if self.dense_kv else keep_idx
+        self._update_attention(idx, fw, None, kept_pos, keep_idx, fw.positions if self.dense_kv else kept_pos,
+                               None, key_rows=key_rows)
+        return out
+
+    @staticmethod
+    def _record_keys(idx, fw, cache, key_positions):
+        """Remember the positions of the keys/values block ``idx`` just added to its cache."""
+        if cache is None:
+            return
+        prev = fw.sequence.key_positions[idx]
+        fw.sequence.key_positions[idx] = key_positions if prev is None else torch.cat([prev, key_positions], 1)
+
+    @torch.no_grad()
+    def _update_attention(self, idx, fw, cache, query_positions, query_rows, key_positions, rotary_sub,
+                          key_rows=None):
+        """Refresh factor 2 for the keys of block ``idx`` from its last few computed queries.
+
+        ``query_rows``/``key_rows``: rows of the captured projections that belong to the
+        computed queries/keys (None: all rows, in order). ``rotary_sub``: the (cos, sin) of the
+        captured rows when they are a gathered sub-batch.
+        """
+        q_all, k_all = self._captured.get("q_proj"), self._captured.get("k_proj")
+        if q_all is None or k_all is None or query_positions.shape[1] == 0:
+            return
+        attn = self.layers[idx].self_attn
+        hd = attn.head_dim
+        B = q_all.shape[0]
+        cos, sin = rotary_sub if rotary_sub is not None else (fw.cos, fw.sin)
+        m = min(self.attention_queries, query_positions.shape[1])
+        rows = (query_rows[:, -m:] if query_rows is not None
+                else torch.arange(q_all.shape[1] - m, q_all.shape[1], device=q_all.device).expand(B, m))
+        q = q_all.gather(1, rows.unsqueeze(-1).expand(B, m, q_all.shape[-1]))
+        q = q.view(B, m, -1, hd).transpose(1, 2)
+        cq = cos.gather(1, rows.unsqueeze(-1).expand(B, m, hd))
+        sq = sin.gather(1, rows.unsqueeze(-1).expand(B, m, hd))
+        q = apply_rotary(q, cq, sq)
+        q_pos = query_positions[:, -m:]
+        seq = fw.sequence
+        if cache is not None:
+            keys = cache.layers[idx].keys
+            k_pos = seq.key_positions[idx]
+        else:
+            if key_rows is not None:
+                k_src = k_all.gather(1, key_rows.unsqueeze(-1).expand(B, key_rows.shape[1], k_all.shape[-1]))
+                ck = cos.gather(1, key_rows.unsqueeze(-1).expand(B, key_rows.shape[1], hd))
+                sk = sin.gather(1, key_rows.unsqueeze(-1).expand(B, key_rows.shape[1], hd))
+            else:
+                k_src, ck, sk = k_all, cos, sin
+            keys = apply_rotary(k_src.view(B, k_src.shape[1], -1, hd).transpose(1, 2), ck, sk)
+            k_pos = key_positions
+        probs = received_attention(q, q_pos, keys, k_pos, attn.scaling)
+        seq.attention.scatter_(1, k_pos, attention_value(probs).to(seq.attention.dtype))
+
+
+def _cache_of(kwargs):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
