@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_draft_parser(sub)
     _add_bench_parser(sub)
+    from .pruning.command import register as register_prune
+
+    register_prune(sub)
     return parser
 
 
@@ -497,7 +500,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft, "bench": cmd_bench}
+def cmd_prune(args) -> int:
+    from .pruning.command import run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft, "bench": cmd_bench,
+            "prune": cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Genetic search over per-block token-sparsity schedules (FTP: Fast Token Pruning).
+"""Genetic search over per-block token-sparsity schedules (FTP: Fine-grained Token-wise Pruner).
 
 FTP prunes a fraction ``s_l`` of the tokens at every transformer block ``l``. Blocks differ in how
 much pruning they tolerate, so instead of a flat schedule we search for a vector ``s`` with every

@@ -1,0 +1,258 @@
+"""FTP token skipping, factors, routers, losses and checkpoints on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_model_dir
+from turbolm import TurboLMError, load_target
+from turbolm.generation import forward, generate, new_cache
+from turbolm.pruning import LearnedRouter, RandomRouter, StaticRouter, TokenPruner
+from turbolm.pruning.factors import build_factors, rank_of, received_attention
+from turbolm.pruning.train import distillation_loss, guide_loss, sparsity_loss, static_keep
+
+
+class FixedRouter:
+    """Keeps exactly the tokens whose positions are in ``keep`` (scores 1 vs 0)."""
+
+    kind = "fixed"
+
+    def __init__(self, keep):
+        self.keep = set(keep)
+
+    def scores(self, factors):
+        T = factors.shape[1]
+        return torch.tensor([[1.0 if i in self.keep else 0.0 for i in range(T)]]).expand(factors.shape[0], T)
+
+    def keep_decode(self, factors):
+        return torch.ones(factors.shape[:-2], dtype=torch.bool)
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return load_target(make_model_dir(tmp_path_factory.mktemp("one"), "llama", num_hidden_layers=1))
+
+
+@pytest.fixture(scope="module")
+def three_layers(tmp_path_factory):
+    return load_target(make_model_dir(tmp_path_factory.mktemp("three"), "llama", num_hidden_layers=3, seed=1))
+
+
+def _ids(T=24, B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (B, T), generator=g)
+
+
+def _one_block(model, ids, positions):
+    """A one-layer model's logits computed by hand: the layer over ``ids`` only, causal among
+    them, with rotary embeddings at ``positions``. (A model forward with such position ids
+    would read the gaps as packed-sequence boundaries.)"""
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(h, positions)
+    h = model.model.layers[0](h, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
+    return model.lm_head(model.model.norm(h))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_zero_sparsity_is_identical(tiny_dirs, arch):
+    model, _ = load_target(tiny_dirs[arch])
+    ids = _ids(B=2)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with TokenPruner(model, StaticRouter(), [0.0] * model.config.num_hidden_layers):
+            pruned = model(ids).logits
+    assert torch.equal(dense, pruned)
+
+
+def test_kept_tokens_computed_at_their_original_positions(one_layer):
+    """One block: kept tokens' logits equal a dense forward over just those tokens with their
+    original position ids; skipped tokens pass the embedding through unchanged."""
+    model, _ = one_layer
+    ids = _ids(T=12)
+    keep = [0, 2, 3, 7, 10, 11]
+    with torch.no_grad():
+        with TokenPruner(model, FixedRouter(keep), [0.5]) as p:
+            pruned = model(ids, use_cache=False).logits
+        assert p.stats.prefill_skipped == 6
+        ref = _one_block(model, ids[:, keep], torch.tensor([keep]))
+        renumbered = _one_block(model, ids[:, keep], torch.arange(len(keep))[None])
+        skipped = [i for i in range(12) if i not in keep]
+        emb = model.model.embed_tokens(ids[:, skipped])
+        passthrough = model.lm_head(model.model.norm(emb))
+    torch.testing.assert_close(pruned[:, keep], ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pruned[:, keep], renumbered, atol=1e-3)  # positions matter
+    torch.testing.assert_close(pruned[:, skipped], passthrough, rtol=1e-4, atol=1e-5)
+
+
+def test_first_token_always_kept(one_layer):
+    model, _ = one_layer
+    ids = _ids(T=10)
+    with torch.no_grad(), TokenPruner(model, FixedRouter(range(1, 10)), [0.5]):
+        pruned = model(ids, use_cache=False).logits
+        ref = _one_block(model, ids[:, [0, 5, 6, 7, 8, 9]], torch.tensor([[0, 5, 6, 7, 8, 9]]))
+    torch.testing.assert_close(pruned[:, 0], ref[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_matches_gathered_inference(three_layers):
+    model, _ = three_layers
+    ids = _ids(T=30, B=2)
+    for router in (StaticRouter(), LearnedRouter()):
+        with torch.no_grad(), TokenPruner(model, router, [0.3, 0.5, 0.2]) as p:
+            gathered = model(ids, use_cache=False).logits
+            p.training_mode = True
+            masked = model(ids, use_cache=False).logits
+        torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_kv_ablation(one_layer):
+    """Kept tokens attend to every token's keys: with one block their logits are the dense ones."""
+    model, _ = one_layer
+    ids = _ids(T=16)
+    keep = [0, 4, 9, 15]
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        with TokenPruner(model, FixedRouter(keep), [0.75], dense_kv=True):
+            pruned = model(ids, use_cache=False).logits
+    torch.testing.assert_close(pruned[:, keep], dense[:, keep], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_holds_only_computed_tokens(three_layers):
+    model, _ = three_layers
+    ids = _ids(T=20)
+    schedule = [0.25, 0.5, 0.0]
+    with torch.no_grad(), TokenPruner(model, StaticRouter(), schedule) as p:
+        cache = new_cache(model)
+        forward(model, ids, cache)
+        assert [cache.layers[i].keys.shape[2] for i in range(3)] == [15, 10, 20]
+        p.router = FixedRouter([])  # keep_decode True for every block
+        forward(model, torch.tensor([[5]]), cache)
+        assert [cache.layers[i].keys.shape[2] for i in range(3)] == [16, 11, 21]
+
+        class Skip(FixedRouter):
+            def keep_decode(self, factors):
+                return torch.zeros(factors.shape[:-2], dtype=torch.bool)
+        p.router = Skip([])
+        forward(model, torch.tensor([[6]]), cache)
+        # blocks with sparsity > 0 were skipped by the new token; the dense block was not
+        assert [cache.layers[i].keys.shape[2] for i in range(3)] == [16, 11, 22]
+        assert p.stats.decode_skipped == 2
+
+
+def test_decode_positions_are_tracked_by_the_pruner(three_layers):
+    """After a sparse prefill, a decoded token must sit at the true next position even though the
+    first block's cache is shorter: compare with prefilling everything with the same kept sets."""
+    model, _ = three_layers
+    ids = _ids(T=12)
+    keep = [0, 1, 4, 5, 8, 11]
+    with torch.no_grad():
+        with TokenPruner(model, FixedRouter(keep), [0.5, 0.5, 0.5]):
+            cache = new_cache(model)
+            forward(model, ids, cache)
+            step = forward(model, torch.tensor([[7]]), cache).logits[0, -1]
+        # the same kept sets in one 13-token prefill: `keep` and the new token, 6 of 13 skipped
+        with TokenPruner(model, FixedRouter(keep + [12]), [6 / 13] * 3):
+            full = model(torch.cat([ids, torch.tensor([[7]])], 1), use_cache=False).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsity_zero_generation_is_token_identical(three_layers):
+    model, tok = three_layers
+    prompt = tok("The capital of France is")["input_ids"]
+    dense = generate(model, tok, prompt, max_new_tokens=12)
+    with TokenPruner(model, LearnedRouter(), [0.0, 0.0, 0.0]):
+        pruned = generate(model, tok, prompt, max_new_tokens=12)
+    assert pruned.token_ids == dense.token_ids
+
+
+def test_pruned_generation_runs_and_skips(three_layers):
+    model, tok = three_layers
+    prompt = tok("The capital of France is Paris. The capital of Italy is")["input_ids"]
+    with TokenPruner(model, RandomRouter(0), [0.3, 0.3, 0.3]) as p:
+        res = generate(model, tok, prompt, max_new_tokens=8)
+    assert len(res.token_ids) == 8
+    assert 0.2 < p.stats.prefill_sparsity < 0.4
+    assert p.stats.decode_pairs == 3 * 7
+
+
+def test_factors():
+    att = torch.tensor([[0.5, 2.0, 1.0, 2.0]])
+    torch.testing.assert_close(rank_of(att), torch.tensor([[0.0, 2 / 3, 1 / 3, 1.0]]))  # ties broken by position
+    f = build_factors(torch.tensor([[0, 3]]), 4, att, 0.3)
+    assert f.shape == (1, 2, 4)
+    torch.testing.assert_close(f[0, 1], torch.tensor([1.0, 2.0, 1.0, 0.3]))
+    q = torch.randn(1, 4, 2, 8)
+    k = torch.randn(1, 2, 5, 8)
+    probs = received_attention(q, torch.tensor([[3, 4]]), k, torch.arange(5)[None], 8 ** -0.5)
+    assert probs.shape == (1, 5)
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))  # mean of distributions
+    assert float(received_attention(q, torch.tensor([[1, 1]]), k, torch.arange(5)[None], 1.0)[0, 2:].sum()) == 0.0
+
+
+def test_static_router_prefers_recent_tokens():
+    f = build_factors(torch.arange(6)[None], 6, torch.zeros(1, 6), 0.5)
+    assert StaticRouter().scores(f).argsort(dim=1).tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert static_keep(torch.arange(6)[None], 3).tolist() == [[True, False, False, False, True, True]]
+
+
+def test_losses_sign_and_gradient():
+    dense = torch.randn(2, 5, 11)
+    assert float(distillation_loss(dense, dense)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(dense, dense + torch.randn(2, 5, 11))) > 0
+    # sparsity: zero when over-pruning (soft sparsity 0.8 > target 0.3) ...
+    gates = torch.full((10,), 0.2, requires_grad=True)
+    loss = sparsity_loss([gates], [0.3])
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert float(gates.grad.abs().sum()) == 0.0
+    # ... positive when keeping too much, and its gradient lowers the gates
+    gates = torch.full((10,), 0.9, requires_grad=True)
+    loss = sparsity_loss([gates], [0.3])
+    assert float(loss.detach()) == pytest.approx(0.2, abs=1e-6)
+    loss.backward()
+    assert bool((gates.grad > 0).all())
+    logits = torch.zeros(1, 4, requires_grad=True)
+    guide_loss([logits], [torch.tensor([[True, False, False, True]])]).backward()
+    assert logits.grad.tolist()[0][0] < 0 < logits.grad.tolist()[0][1]
+
+
+def test_straight_through_gradient_reaches_router(three_layers):
+    model, _ = three_layers
+    router = LearnedRouter()
+    with TokenPruner(model, router, [0.3, 0.3, 0.3], train_records=True) as p:
+        p.training_mode = True
+        model.requires_grad_(False)
+        out = model(_ids(T=16), use_cache=False).logits
+        out.float().pow(2).mean().backward()
+    assert router.net[0].weight.grad is not None and float(router.net[0].weight.grad.abs().sum()) > 0
+    assert len(p.records) == 3
+
+
+def test_checkpoint_round_trip_and_wrong_model(three_layers, tmp_path, tiny_dir):
+    from turbolm.pruning.checkpoint import load_pruner, pruner_config, save_pruner
+
+    model, _ = three_layers
+    router = LearnedRouter()
+    schedule = [0.1, 0.4, 0.4]
+    save_pruner(tmp_path / "p", pruner_config(model, router, schedule, target_sparsity=0.3), router)
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["schedule"] == schedule and set(cfg["factors"]) == {"position", "attention", "rank", "sparsity"}
+    loaded = load_pruner(tmp_path / "p", model)
+    f = torch.rand(1, 7, 4)
+    torch.testing.assert_close(loaded.router.scores(f), router.scores(f))
+    assert loaded.schedule == schedule
+    other, _ = load_target(tiny_dir)
+    with pytest.raises(TurboLMError, match="made for another model"):
+        load_pruner(tmp_path / "p", other)
+    with pytest.raises(TurboLMError, match="no pruner checkpoint"):
+        load_pruner(tmp_path / "missing", model)
+
+
+def test_bad_schedules_are_refused(three_layers):
+    model, _ = three_layers
+    with pytest.raises(TurboLMError, match="3 layers"):
+        TokenPruner(model, StaticRouter(), [0.3, 0.3])
+    with pytest.raises(TurboLMError, match=r"\[0, 1\)"):
+        TokenPruner(model, StaticRouter(), [0.3, 1.0, 0.3])

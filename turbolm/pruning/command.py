@@ -1,0 +1,277 @@
+"""``turbolm prune ...``: the FTP steps as commands (registered by turbolm.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import TurboLMError
+
+STEPS_HELP = """FTP token-wise pruning, in four steps:
+  search    genetic search of the per-block sparsity schedule (mean = --sparsity) with the static router,
+            fitness = minus the KL to the dense model on held-out calibration chunks of --data
+  train     train the learned router (4 -> 64 -> 1, LLM frozen; distillation + sparsity + guide losses),
+            then fine-tune the schedule once more with it; writes a pruner checkpoint
+  generate  greedy generation with a pruner (prefill skips tokens; each new token runs a block only if
+            the router's score passes the threshold)
+  bench     prefill wall-clock, dense vs pruned, and the token sparsity achieved"""
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+
+def _data_args(p) -> None:
+    p.add_argument("--data", required=True, help="Alpaca or ShareGPT rows (JSON list or .jsonl), e.g. ../shared/data/alpaca/alpaca_5000.json")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default: 256)")
+    p.add_argument("--calibration", type=int, default=8, help="held-out chunks for the fitness / held-out KL (default: 8)")
+    p.add_argument("--score-last", type=int, default=None,
+                   help="compare pruned and dense predictions on the last N positions of each chunk (default: seq_len/4)")
+
+
+def _ga_args(p, generations: int) -> None:
+    p.add_argument("--population", type=int, default=12, help="GA population (default: 12)")
+    p.add_argument("--generations", type=int, default=generations, help=f"GA generations, the first included (default: {generations})")
+    p.add_argument("--mutation", type=float, default=0.08, help="std of the gaussian mutation per block (default: 0.08)")
+    p.add_argument("--max-block-sparsity", type=float, default=0.9, help="upper bound of one block's sparsity (default: 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _pruner_args(p) -> None:
+    p.add_argument("--pruner", default=None, help="pruner checkpoint directory (from `turbolm prune train`)")
+    p.add_argument("--router", choices=["learned", "static", "random"], default=None,
+                   help="router to use: default the checkpoint's; static / random need no checkpoint (with --sparsity)")
+    p.add_argument("--sparsity", type=float, default=None, help="uniform sparsity for --router static/random without --pruner")
+    p.add_argument("--schedule", default=None, help="per-block schedule from a search file (with --router static/random)")
+    p.add_argument("--dense-kv", action="store_true", help="ablation: skipped tokens still provide keys/values (no speed-up)")
+
+
+def register(sub) -> None:
+    pr = sub.add_parser("prune", help="FTP token-wise pruning: search, train, generate, bench",
+                        description=STEPS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = pr.add_subparsers(dest="prune_command", required=True)
+
+    s = steps.add_parser("search", help="genetic search of the per-block sparsity schedule (static router)",
+                         description="Search per-block token sparsity whose mean is --sparsity, maximising agreement "
+                                     "with the dense model (minus the mean KL of next-token distributions on held-out "
+                                     "chunks). Saved after every generation; --resume continues.")
+    s.add_argument("--sparsity", type=float, required=True, help="mean token sparsity, e.g. 0.3")
+    s.add_argument("--out", required=True, help="search result JSON (best schedule and fitness history)")
+    s.add_argument("--router", choices=["static", "random"], default="static", help="router used during the search (default: static)")
+    s.add_argument("--first-block-dense", action="store_true", help="pin block 0 to sparsity 0")
+    s.add_argument("--resume", action="store_true", help="continue a search saved in --out")
+    _data_args(s)
+    _ga_args(s, generations=10)
+    _model_args(s)
+
+    t = steps.add_parser("train", help="train the learned router, fine-tune the schedule, write a pruner checkpoint",
+                         description="Train FTP's global router (LLM frozen) for a schedule from `prune search` (or a "
+                                     "uniform one), then re-run a short schedule search with the trained router. "
+                                     "Checkpoints every --save-every steps; --resume continues.")
+    t.add_argument("--sparsity", type=float, required=True, help="mean token sparsity, e.g. 0.3")
+    t.add_argument("--out", required=True, help="pruner checkpoint directory")
+    t.add_argument("--schedule", default=None, help="search JSON from `prune search` (default: uniform)")
+    t.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
+    t.add_argument("--batch-size", type=int, default=4, help="chunks per step (default: 4)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine decay (default: 3e-3)")
+    t.add_argument("--sparsity-weight", type=float, default=10.0, help="weight of the one-sided sparsity loss (default: 10)")
+    t.add_argument("--guide-weight", type=float, default=1.0, help="initial weight of the guide loss (default: 1)")
+    t.add_argument("--guide-steps", type=int, default=None, help="steps over which the guide weight decays to 0 (default: steps/2)")
+    t.add_argument("--max-train-chunks", type=int, default=None, help="use at most N training chunks")
+    t.add_argument("--drop-factor", action="append", default=[], choices=["position", "attention", "rank", "sparsity"],
+                   help="ablation: train without this router input (repeatable)")
+    t.add_argument("--dense-kv", action="store_true", help="ablation: skipped tokens still provide keys/values")
+    t.add_argument("--finetune-generations", type=int, default=5,
+                   help="generations of the schedule search with the trained router (default: 5; 0 = skip)")
+    t.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default: 20)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _data_args(t)
+    _ga_args(t, generations=5)
+    _model_args(t)
+
+    g = steps.add_parser("generate", help="greedy generation with a pruner; prints the token sparsity achieved")
+    g.add_argument("--prompt", required=True, help="the user prompt ('-' reads standard input)")
+    g.add_argument("--raw", action="store_true", help="plain text, without the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _pruner_args(g)
+    _model_args(g)
+
+    b = steps.add_parser("bench", help="prefill seconds dense vs pruned (interleaved, median), speed-up, sparsity")
+    b.add_argument("--prompt-length", type=int, action="append", required=True,
+                   help="prompt tokens (repeatable: --prompt-length 512 --prompt-length 1024)")
+    b.add_argument("--text-file", default=None, help="text for the prompts (default: WikiText-2 raw test if present)")
+    b.add_argument("--repeat", type=int, default=3, help="timed runs of each (default: 3)")
+    b.add_argument("--json", action="store_true", help="print one JSON object (a list for several lengths)")
+    _pruner_args(b)
+    _model_args(b)
+
+
+def _load(args):
+    from ..models import load_target
+
+    return load_target(args.model, dtype=args.dtype, device=args.device)
+
+
+def build_pruner(args, model):
+    """A TokenPruner from --pruner / --router / --sparsity / --schedule."""
+    from .checkpoint import load_pruner
+    from .router import make_router
+    from .search import read_schedule
+    from .skipping import TokenPruner, decoder_layers
+
+    if args.pruner:
+        return load_pruner(args.pruner, model, router=args.router, dense_kv=True if args.dense_kv else None)
+    if args.router in (None, "learned"):
+        raise TurboLMError("give --pruner CKPT, or --router static|random with --sparsity S (or --schedule FILE)")
+    if args.schedule:
+        schedule = read_schedule(args.schedule)
+    elif args.sparsity is not None:
+        schedule = [args.sparsity] * len(decoder_layers(model))
+    else:
+        raise TurboLMError(f"--router {args.router} needs --sparsity S or --schedule FILE")
+    return TokenPruner(model, make_router(args.router), schedule, dense_kv=args.dense_kv)
+
+
+def _search_config(args):
+    from .scheduler import SearchConfig
+
+    return SearchConfig(population=args.population, generations=args.generations, mutation=args.mutation,
+                        max_sparsity=args.max_block_sparsity, seed=args.seed)
+
+
+def _chunks_and_reference(args, model, tokenizer, max_train=None):
+    from .calibration import DenseReference
+    from .data import pack_rows
+
+    chunks = pack_rows(tokenizer, args.data, args.seq_len, args.calibration, max_train=max_train)
+    print(f"data: {chunks.describe()}", file=sys.stderr)
+    return chunks, DenseReference(model, chunks.calibration, score_last=args.score_last)
+
+
+def _check_sparsity(s: float) -> None:
+    if not 0.0 < s < 0.9:
+        raise TurboLMError(f"--sparsity {s}: give a mean token sparsity in (0, 0.9), e.g. 0.3")
+
+
+def cmd_search(args) -> int:
+    from .router import make_router
+    from .search import run_search
+
+    _check_sparsity(args.sparsity)
+    model, tokenizer = _load(args)
+    _, reference = _chunks_and_reference(args, model, tokenizer, max_train=0)
+    result = run_search(model, make_router(args.router, seed=args.seed), reference, args.sparsity, args.out,
+                        _search_config(args), resume=args.resume, first_block_dense=args.first_block_dense)
+    print(json.dumps({"out": args.out, "best_fitness": result.best_fitness, "evaluations": result.evaluations,
+                      "schedule": [round(s, 3) for s in result.best]}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from .checkpoint import pruner_config, save_pruner
+    from .factors import FACTOR_NAMES
+    from .router import StaticRouter
+    from .scheduler import uniform_schedule
+    from .search import read_schedule, run_search
+    from .skipping import TokenPruner, decoder_layers
+    from .train import RouterTrainConfig, train_router
+
+    _check_sparsity(args.sparsity)
+    model, tokenizer = _load(args)
+    out = Path(args.out)
+    n = len(decoder_layers(model))
+    schedule = read_schedule(args.schedule) if args.schedule else uniform_schedule(n, args.sparsity)
+    if len(schedule) != n or abs(sum(schedule) / n - args.sparsity) > 1e-3:
+        raise TurboLMError(f"the schedule in {args.schedule} has {len(schedule)} blocks of mean "
+                           f"{sum(schedule) / len(schedule):.3f}; the model has {n} and --sparsity is {args.sparsity}")
+    chunks, reference = _chunks_and_reference(args, model, tokenizer, max_train=args.max_train_chunks)
+    inputs = [f for f in FACTOR_NAMES if f not in args.drop_factor]
+    if not inputs:
+        raise TurboLMError("--drop-factor removed every router input")
+    cfg = RouterTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sparsity_weight=args.sparsity_weight,
+                            guide_weight=args.guide_weight, guide_steps=args.guide_steps or max(1, args.steps // 2),
+                            inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last,
+                            save_every=args.save_every, seed=args.seed)
+    with TokenPruner(model, StaticRouter(), schedule, dense_kv=args.dense_kv) as static:
+        static_kl = reference.kl(static)
+    router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=args.resume)
+    trained_kl = summary.get("heldout_kl")
+    final = schedule
+    finetune = None
+    if args.finetune_generations > 0:
+        search_cfg = replace(_search_config(args), generations=args.finetune_generations, seed=args.seed + 1)
+        result = run_search(model, router, reference, args.sparsity, out / "finetune.json", search_cfg,
+                            initial=[schedule], resume=args.resume, dense_kv=args.dense_kv)
+        final = result.best
+        finetune = {"generations": args.finetune_generations, "kl_before": -result.history[0]["best"]
+                    if result.history else None, "kl_after": -result.best_fitness}
+    with TokenPruner(model, router, final, dense_kv=args.dense_kv) as learned:
+        final_kl = reference.kl(learned)
+    info = {"training": {**summary, "config": cfg.__dict__, "data": str(args.data), "seq_len": args.seq_len,
+                         "train_chunks": len(chunks.train)},
+            "heldout_kl": {"static_router_searched_schedule": round(static_kl, 5),
+                           "learned_router_before_finetune": trained_kl, "final": round(final_kl, 5)},
+            "search_schedule": args.schedule, "finetune": finetune,
+            "calibration": {"chunks": args.calibration, "seq_len": args.seq_len, "score_last": reference.score_last}}
+    config = pruner_config(model, router, final, target_sparsity=args.sparsity, dense_kv=args.dense_kv, **info)
+    save_pruner(out, config, router)
+    print(json.dumps({"out": str(out), **info["heldout_kl"]}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ..chat import encode_prompt
+    from ..generation import generate
+
+    model, tokenizer = _load(args)
+    pruner = build_pruner(args, model)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = encode_prompt(tokenizer, prompt, chat=not args.raw)
+    with pruner:
+        res = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                       on_text=None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
+    stats = pruner.stats.to_json()
+    if args.json:
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
+                          "new_tokens": len(res.token_ids), "seconds": round(res.seconds, 3), **stats}))
+    else:
+        print(f"\n[{len(res.token_ids)} tokens, prefill token sparsity {stats['prefill_sparsity']:.1%}, "
+              f"blocks skipped by new tokens {stats['decode_sparsity']:.1%}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..bench.machine import describe_machine
+    from .bench import prefill_benchmark, prompt_ids
+
+    model, tokenizer = _load(args)
+    pruner = build_pruner(args, model)
+    rows = []
+    for n in args.prompt_length:
+        ids, source = prompt_ids(tokenizer, n, args.text_file)
+        row = prefill_benchmark(model, pruner, ids, repeat=args.repeat)
+        row["text"] = source
+        rows.append(row)
+        if not args.json:
+            print(f"{n:>6} tokens: dense {row['dense_seconds']:.3f} s, pruned {row['pruned_seconds']:.3f} s, "
+                  f"speed-up {row['speedup']:.2f}x, token sparsity {row['token_sparsity']:.1%}", flush=True)
+    if args.json:
+        for r in rows:
+            r["machine"] = describe_machine(model)
+            r["pruner"] = args.pruner or f"{args.router} router"
+        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "train": cmd_train, "generate": cmd_generate, "bench": cmd_bench}
+
+
+def run(args) -> int:
+    return COMMANDS[args.prune_command](args)

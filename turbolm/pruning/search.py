@@ -1,0 +1,61 @@
+"""The sparsity-schedule search on a real model: the GA of :mod:`.scheduler` with minus the
+calibration KL to the dense model as fitness, saved after every generation (resumable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpointing import write_json
+from ..errors import TurboLMError
+from .calibration import DenseReference
+from .scheduler import SearchConfig, SearchResult, search_schedule
+from .skipping import TokenPruner, decoder_layers
+
+
+def run_search(model, router, reference: DenseReference, target: float, out_file: str | Path,
+               config: SearchConfig, *, initial=None, resume: bool = False, progress: bool = True,
+               dense_kv: bool = False, first_block_dense: bool = False) -> SearchResult:
+    """Search per-block sparsity of mean ``target`` for ``router``; writes ``out_file`` (JSON)
+    after each generation, and continues from it with ``resume=True``."""
+    out_file = Path(out_file)
+    n = len(decoder_layers(model))
+    previous = None
+    if resume and out_file.is_file():
+        try:
+            previous = SearchResult.from_json(json.loads(out_file.read_text())["search"])
+        except (ValueError, KeyError) as e:
+            raise TurboLMError(f"cannot resume the search from {out_file}: {e}") from None
+    fixed = {0: 0.0} if first_block_dense else None
+    header = {"target_sparsity": target, "router": getattr(router, "kind", "learned"),
+              "calibration_chunks": int(reference.chunks.shape[0]),
+              "calibration_seq_len": int(reference.chunks.shape[1]),
+              "fitness": "minus mean KL(dense || pruned) per calibration token",
+              "config": config.__dict__}
+
+    def save(gen, result):
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out_file, {**header, "search": result.to_json()})
+
+    pruner = TokenPruner(model, router, [target] * n, dense_kv=dense_kv)
+    with pruner:
+        result = search_schedule(n, target, reference.fitness(pruner), config, initial=initial, fixed=fixed,
+                                 progress=progress, on_generation=save, resume=previous)
+    save(None, result)
+    return result
+
+
+def read_schedule(path: str | Path) -> list[float]:
+    """The best schedule from a search file (or a pruner config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TurboLMError(f"cannot read a schedule from {path}: {e}") from None
+    if "search" in data:
+        return [float(s) for s in data["search"]["best"]]
+    if "schedule" in data:
+        return [float(s) for s in data["schedule"]]
+    raise TurboLMError(f"{path} holds no schedule (expected the output of `turbolm prune search` or a pruner)")

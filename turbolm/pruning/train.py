@@ -1,0 +1,174 @@
+"""Router training with the LLM frozen (FTP's three losses).
+
+- distillation: KL(dense || pruned) of the next-token distributions, per token, on the last
+  ``score_last`` positions of each chunk (the predictions pruning serves; see .calibration);
+- sparsity: one-sided, sum over blocks of max(s_target - s_soft, 0), where s_soft = 1 - the
+  mean sigmoid gate of the block (zero when the router prunes more than asked);
+- guide: binary cross-entropy of the router's gates toward the static router's keep decisions,
+  weight decaying linearly from ``guide_weight`` to 0 over ``guide_steps``.
+
+The top-k choice is relaxed by straight-through gates: the forward pass uses the hard keep
+decisions (exactly the tokens inference would compute), the backward pass the sigmoid's
+gradient (see ``TokenPruner`` training mode). Checkpoints are atomic and resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpointing import load_training_state, save_training_state
+from ..errors import TurboLMError
+from .calibration import default_score_last
+from .factors import FACTOR_NAMES
+from .router import LearnedRouter, StaticRouter
+from .skipping import TokenPruner
+
+
+@dataclass
+class RouterTrainConfig:
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 3e-3
+    sparsity_weight: float = 10.0
+    guide_weight: float = 1.0
+    guide_steps: int = 100
+    hidden: int = 64
+    threshold: float = 0.5
+    inputs: list[str] = field(default_factory=lambda: list(FACTOR_NAMES))
+    dense_kv: bool = False
+    score_last: int | None = None  # distil the last N positions of each chunk (default: its last quarter)
+    save_every: int = 20
+    eval_every: int = 50
+    seed: int = 0
+
+
+def distillation_loss(dense_logits: torch.Tensor, pruned_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(dense || pruned) per token (dense is the teacher, no gradient)."""
+    ref = F.log_softmax(dense_logits.float(), dim=-1)
+    lp = F.log_softmax(pruned_logits.float(), dim=-1)
+    return (ref.exp() * (ref - lp)).sum(-1).mean()
+
+
+def sparsity_loss(soft_gates: list[torch.Tensor], targets: list[float]) -> torch.Tensor:
+    """sum_l max(s_target_l - (1 - mean gate_l), 0): penalises keeping more than the schedule allows."""
+    terms = [torch.relu(torch.as_tensor(t, dtype=g.dtype) - (1 - g.float().mean())) for g, t in zip(soft_gates, targets)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def guide_loss(logits: list[torch.Tensor], static_keep: list[torch.Tensor]) -> torch.Tensor:
+    terms = [F.binary_cross_entropy_with_logits(lg.float(), k.float()) for lg, k in zip(logits, static_keep)]
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def guide_weight(step: int, cfg: RouterTrainConfig) -> float:
+    return cfg.guide_weight * max(0.0, 1.0 - step / max(1, cfg.guide_steps))
+
+
+def static_keep(positions: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The static router's keep mask for a (B, T) chunk: the first token and the most recent ones."""
+    B, T = positions.shape
+    keep = torch.zeros(B, T, dtype=torch.bool, device=positions.device)
+    keep[:, T - (n_keep - 1):] = True
+    keep[positions == 0] = True
+    return keep
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _batch(chunks: torch.Tensor, step: int, cfg: RouterTrainConfig) -> torch.Tensor:
+    n = len(chunks)
+    per_epoch = max(1, n // cfg.batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = _order(n, cfg.seed, epoch)
+    return chunks[order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+
+
+def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: str | Path,
+                 cfg: RouterTrainConfig, *, reference=None, resume: bool = False, progress: bool = True,
+                 log=print) -> tuple[LearnedRouter, dict]:
+    """Train a LearnedRouter for ``schedule`` on ``train_chunks`` (N, T); state under ``out/train``.
+
+    ``reference``: a :class:`.calibration.DenseReference` for the periodic held-out KL.
+    Returns the router and a summary (final losses, held-out KL, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    state_dir = out / "train"
+    if not resume and (state_dir / "latest.json").exists():
+        raise TurboLMError(f"{state_dir} already holds a training run: pass --resume to continue it, "
+                           "or choose another --out")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if len(train_chunks) < cfg.batch_size:
+        raise TurboLMError(f"{len(train_chunks)} training chunks is fewer than the batch size {cfg.batch_size}")
+    device = model.device
+    torch.manual_seed(cfg.seed)
+    router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs)).to(device)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = {"step": 0, "seconds": 0.0, "config": asdict(cfg)}
+    if resume and (state_dir / "latest.json").exists():
+        state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
+        if state.get("config", {}).get("inputs") != list(cfg.inputs):
+            raise TurboLMError(f"{state_dir} was trained with other router inputs; use a new --out")
+        log(f"resuming router training at step {state['step']}")
+    model.requires_grad_(False)
+    pruner = TokenPruner(model, router, schedule, dense_kv=cfg.dense_kv, train_records=True)
+    lr_at = lambda s: cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))  # noqa: E731
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="router", unit="step")
+    last: dict = {}
+    with pruner:
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            ids = _batch(train_chunks, step, cfg).to(device)
+            tail = cfg.score_last or default_score_last(ids.shape[1])
+            with torch.no_grad(), pruner.disabled():
+                dense = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
+            pruner.training_mode = True
+            pruner.records.clear()
+            router.train()
+            pruned = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
+            pruner.training_mode = False
+            recs = [r for r in pruner.records if schedule[r["block"]] > 0]
+            positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            l_distill = distillation_loss(dense, pruned)
+            l_sparse = sparsity_loss([r["soft"] for r in recs], [schedule[r["block"]] for r in recs])
+            l_guide = guide_loss([r["logits"] for r in recs],
+                                 [static_keep(positions, int(r["keep"][0].sum())) for r in recs])
+            w = guide_weight(step, cfg)
+            loss = l_distill + cfg.sparsity_weight * l_sparse + w * l_guide
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pruner.records.clear()
+            soft_sparsity = (sum(1 - float(r["soft"].detach().float().mean()) for r in recs) / len(recs)) if recs else 0.0
+            state["step"] = step + 1
+            state["seconds"] += time.perf_counter() - t0
+            last = {"step": step + 1, "loss": float(loss.detach()), "distill": float(l_distill.detach()),
+                    "sparsity": float(l_sparse.detach()), "guide": float(l_guide.detach()), "guide_weight": w, "soft_sparsity": round(soft_sparsity, 4),
+                    "lr": lr_at(step), "seconds": round(state["seconds"], 1)}
+            if reference is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
+                router.eval()
+                pruner.schedule = list(schedule)
+                last["heldout_kl"] = round(reference.kl(pruner), 5)
+            with open(state_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+                save_training_state(state_dir, router, optimizer, state, weights="router.safetensors")
+            bar.set_postfix(kl=f"{last['distill']:.4f}", s=f"{soft_sparsity:.2f}")
+            bar.update(1)
+    bar.close()
+    router.eval()
+    return router, {**last, "steps": state["step"], "train_seconds": round(state["seconds"], 1)}
