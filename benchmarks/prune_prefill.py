@@ -44,6 +44,9 @@ def main() -> int:
     n = len(decoder_layers(model))
     pruners = [(f"static {float(s):.0%}", TokenPruner(model, StaticRouter(), [float(s)] * n))
                for s in args.sparsity.split(",")]
+    # The same with the attention factor computed (as a learned router needs): its overhead.
+    pruners += [(f"static {float(s):.0%} + factors", TokenPruner(model, StaticRouter(), [float(s)] * n, track_attention=True))
+                for s in args.sparsity.split(",")[:1] + args.sparsity.split(",")[2:3]]
     paths = args.pruner if args.pruner is not None else ([str(p) for p in sorted(SHIPPED.glob("ftp-*"))]
                                                           if args.model is None else [])
     for p in paths:

@@ -256,3 +256,103 @@ def test_bad_schedules_are_refused(three_layers):
         TokenPruner(model, StaticRouter(), [0.3, 0.3])
     with pytest.raises(TurboLMError, match=r"\[0, 1\)"):
         TokenPruner(model, StaticRouter(), [0.3, 1.0, 0.3])
+
+
+def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
+    """search -> train (with schedule fine-tune) -> generate -> bench, resumable, on a tiny model."""
+    from turbolm.cli import main
+
+    rows = [{"instruction": f"Question {i}: what is {i} plus {i}?", "input": "", "output": f"It is {2 * i}. " * 3}
+            for i in range(40)]
+    rows.insert(5, {"instruction": 7})  # malformed: counted and skipped
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    common = ["--data", str(data), "--model", str(tiny_dir), "--seq-len", "32", "--calibration", "3", "--population", "4"]
+    search = tmp_path / "search.json"
+    assert main(["prune", "search", "--sparsity", "0.3", "--out", str(search), "--generations", "2", *common]) == 0
+    saved = json.loads(search.read_text())
+    assert len(saved["search"]["history"]) == 2
+    assert abs(sum(saved["search"]["best"]) / 2 - 0.3) < 1e-6
+    out = tmp_path / "pruner"
+    train = ["prune", "train", "--sparsity", "0.3", "--schedule", str(search), "--out", str(out), "--steps", "4",
+             "--save-every", "2", "--finetune-generations", "2", *common]
+    assert main(train) == 0
+    assert main(train) == 2  # an existing run is not overwritten without --resume
+    assert main(train + ["--resume"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["router"] == "learned" and len(cfg["schedule"]) == 2 and (out / "router.safetensors").is_file()
+    assert cfg["training"]["steps"] == 4
+    capsys.readouterr()
+    assert main(["prune", "generate", "--pruner", str(out), "--model", str(tiny_dir), "--prompt", "Hello",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["new_tokens"] == 5 and 0.0 < res["prefill_sparsity"] < 0.5
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris. " * 40)
+    assert main(["prune", "bench", "--pruner", str(out), "--model", str(tiny_dir), "--prompt-length", "64",
+                 "--text-file", str(text), "--repeat", "1", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert {"dense_seconds", "pruned_seconds", "speedup", "token_sparsity"} <= set(bench)
+    assert 0.2 < bench["token_sparsity"] < 0.4
+    assert main(["prune", "bench", "--model", str(tiny_dir), "--prompt-length", "64", "--text-file", str(text)]) == 2
+
+
+def test_training_resume_is_exact(three_layers, tmp_path):
+    """Stopping after 2 of 4 steps and resuming gives the router an uninterrupted run gives."""
+    from turbolm.pruning.train import RouterTrainConfig, train_router
+
+    model, _ = three_layers
+    chunks = torch.randint(3, 300, (12, 16), generator=torch.Generator().manual_seed(0))
+    cfg = RouterTrainConfig(steps=4, batch_size=2, save_every=3)
+    full, _ = train_router(model, chunks, [0.3, 0.3, 0.3], tmp_path / "a", cfg, progress=False, log=lambda *_: None)
+    cfg.save_every = 3
+    train_router(model, chunks, [0.3, 0.3, 0.3], tmp_path / "b", cfg, progress=False, stop_at=2)
+    resumed, _ = train_router(model, chunks, [0.3, 0.3, 0.3], tmp_path / "b", cfg, resume=True, progress=False,
+                              log=lambda *_: None)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_default_model_pruning(default_model, tmp_path):
+    """The real model: sparsity 0 generation is token-identical; the shipped pruners load and run."""
+    from turbolm.pruning.checkpoint import SHIPPED, load_pruner
+
+    model, tok = default_model
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+    dense = generate(model, tok, prompt, max_new_tokens=16)
+    with TokenPruner(model, LearnedRouter(), [0.0] * model.config.num_hidden_layers):
+        assert generate(model, tok, prompt, max_new_tokens=16).token_ids == dense.token_ids
+    shipped = sorted(SHIPPED.glob("ftp-*"))
+    assert shipped, "no shipped pruner checkpoints"
+    for path in shipped:
+        pruner = load_pruner(path, model)
+        with pruner:
+            res = generate(model, tok, list(prompt) * 4, max_new_tokens=8)
+        assert len(res.token_ids) > 0
+        assert abs(pruner.stats.prefill_sparsity - json.loads((path / "config.json").read_text())["target_sparsity"]) < 0.05
+
+
+def test_hidden_state_router_trains_and_round_trips(three_layers, tmp_path):
+    """The MoD-style ablation: scores from hidden states, trained by the same loop, saved and loaded."""
+    from turbolm.pruning.checkpoint import load_pruner, pruner_config, save_pruner
+    from turbolm.pruning.router import HiddenStateRouter
+    from turbolm.pruning.train import RouterTrainConfig, train_router
+
+    model, tok = three_layers
+    chunks = torch.randint(3, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    router, summary = train_router(model, chunks, [0.3, 0.3, 0.3], tmp_path / "mod", RouterTrainConfig(steps=2, batch_size=2),
+                                   router=HiddenStateRouter(model.config.hidden_size, 3), progress=False)
+    assert summary["steps"] == 2 and router.proj.weight.grad is not None
+    save_pruner(tmp_path / "mod", pruner_config(model, router, [0.3, 0.3, 0.3], target_sparsity=0.3), router)
+    pruner = load_pruner(tmp_path / "mod", model)
+    with torch.no_grad(), pruner:
+        pruner.training_mode = False
+        a = model(chunks[:2], use_cache=False).logits
+        pruner.training_mode = True
+        b = model(chunks[:2], use_cache=False).logits
+        pruner.training_mode = False
+        generate(model, tok, chunks[0].tolist(), max_new_tokens=3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert 0.25 < pruner.stats.prefill_sparsity < 0.35

@@ -11,7 +11,7 @@ from ..checkpointing import atomic_write, write_json
 from ..errors import TurboLMError
 from ..models import identity_mismatch, model_identity
 from .factors import FACTOR_NAMES
-from .router import ROUTER_KINDS, LearnedRouter, make_router
+from .router import ROUTER_KINDS, HiddenStateRouter, LearnedRouter, make_router
 from .skipping import TokenPruner
 
 FORMAT = "turbolm-ftp-pruner"
@@ -24,6 +24,7 @@ FACTOR_DEFINITIONS = {
     "sparsity": "the block's target sparsity from the schedule",
 }
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+TRAINED = ("learned", "mod")  # routers with weights in router.safetensors
 
 
 def shipped_pruner(sparsity: float) -> Path:
@@ -45,6 +46,8 @@ def pruner_config(model, router, schedule, *, target_sparsity: float, threshold:
     if isinstance(router, LearnedRouter):
         cfg["router_hidden"] = router.net[0].out_features
         cfg["router_inputs"] = list(router.inputs)
+    if kind == "mod":
+        cfg["factors"] = {"hidden_state": "the token's hidden state at the block input (Mixture-of-Depths-style)"}
     cfg.update(info)
     return cfg
 
@@ -54,7 +57,7 @@ def save_pruner(out: str | os.PathLike, config: dict, router=None) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if config["router"] == "learned":
+    if config["router"] in TRAINED:
         state = {k: v.detach().float().contiguous().cpu() for k, v in router.state_dict().items()}
         atomic_write(out / "router.safetensors", lambda p: save_file(state, str(p)))
     write_json(out / "config.json", config)
@@ -93,11 +96,14 @@ def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, se
     kind = router or cfg["router"]
     if kind not in ROUTER_KINDS:
         raise TurboLMError(f"unknown router {kind!r} in {path}")
-    if kind == "learned":
-        if cfg["router"] != "learned":
-            raise TurboLMError(f"{path} holds a {cfg['router']} router, not a learned one")
-        r = LearnedRouter(hidden=cfg.get("router_hidden", 64), threshold=cfg["threshold"],
-                          inputs=tuple(cfg.get("router_inputs", FACTOR_NAMES)))
+    if kind in TRAINED:
+        if cfg["router"] != kind:
+            raise TurboLMError(f"{path} holds a {cfg['router']} router, not a {kind} one")
+        if kind == "mod":
+            r = HiddenStateRouter(model.config.hidden_size, len(cfg["schedule"]), threshold=cfg["threshold"])
+        else:
+            r = LearnedRouter(hidden=cfg.get("router_hidden", 64), threshold=cfg["threshold"],
+                              inputs=tuple(cfg.get("router_inputs", FACTOR_NAMES)))
         try:
             r.load_state_dict(load_file(str(path / "router.safetensors")), strict=True)
         except (OSError, RuntimeError) as e:

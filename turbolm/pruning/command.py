@@ -43,7 +43,7 @@ def _ga_args(p, generations: int) -> None:
 
 def _pruner_args(p) -> None:
     p.add_argument("--pruner", default=None, help="pruner checkpoint directory (from `turbolm prune train`)")
-    p.add_argument("--router", choices=["learned", "static", "random"], default=None,
+    p.add_argument("--router", choices=["learned", "static", "random", "mod"], default=None,
                    help="router to use: default the checkpoint's; static / random need no checkpoint (with --sparsity)")
     p.add_argument("--sparsity", type=float, default=None, help="uniform sparsity for --router static/random without --pruner")
     p.add_argument("--schedule", default=None, help="per-block schedule from a search file (with --router static/random)")
@@ -75,6 +75,9 @@ def register(sub) -> None:
     t.add_argument("--sparsity", type=float, required=True, help="mean token sparsity, e.g. 0.3")
     t.add_argument("--out", required=True, help="pruner checkpoint directory")
     t.add_argument("--schedule", default=None, help="search JSON from `prune search` (default: uniform)")
+    t.add_argument("--router", choices=["learned", "mod"], default="learned",
+                   help="learned: FTP's router on the four factors (default); mod: the Mixture-of-Depths-style "
+                        "ablation, a linear score per block from the hidden state")
     t.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     t.add_argument("--batch-size", type=int, default=4, help="chunks per step (default: 4)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine decay (default: 3e-3)")
@@ -126,7 +129,7 @@ def build_pruner(args, model):
 
     if args.pruner:
         return load_pruner(args.pruner, model, router=args.router, dense_kv=True if args.dense_kv else None)
-    if args.router in (None, "learned"):
+    if args.router in (None, "learned", "mod"):
         raise TurboLMError("give --pruner CKPT, or --router static|random with --sparsity S (or --schedule FILE)")
     if args.schedule:
         schedule = read_schedule(args.schedule)
@@ -201,7 +204,13 @@ def cmd_train(args) -> int:
                             save_every=args.save_every, seed=args.seed)
     with TokenPruner(model, StaticRouter(), schedule, dense_kv=args.dense_kv) as static:
         static_kl = reference.kl(static)
-    router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=args.resume)
+    initial = None
+    if args.router == "mod":
+        from .router import HiddenStateRouter
+
+        initial = HiddenStateRouter(model.config.hidden_size, n, threshold=cfg.threshold)
+    router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=args.resume,
+                                   router=initial)
     trained_kl = summary.get("heldout_kl")
     final = schedule
     finetune = None

@@ -11,7 +11,7 @@ from torch import nn
 
 from .factors import FACTOR_NAMES
 
-ROUTER_KINDS = ("learned", "static", "random")
+ROUTER_KINDS = ("learned", "static", "random", "mod")
 
 
 class StaticRouter:
@@ -67,6 +67,28 @@ class LearnedRouter(nn.Module):
         return torch.sigmoid(self(factors[..., -1, :])) >= self.threshold
 
 
+class HiddenStateRouter(nn.Module):
+    """Mixture-of-Depths-style router (the ablation FTP compares with): one linear score per block
+    read from the token's hidden state at the block's input, instead of the four factors."""
+
+    kind = "mod"
+    uses_hidden = True
+
+    def __init__(self, hidden_size: int, num_blocks: int, threshold: float = 0.5):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, num_blocks)
+        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5 * 0.1)
+        nn.init.zeros_(self.proj.bias)
+        self.threshold = threshold
+
+    def scores_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
+        w = self.proj.weight[block].to(hidden.dtype)
+        return (hidden @ w + self.proj.bias[block].to(hidden.dtype)).float()
+
+    def keep_decode_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
+        return torch.sigmoid(self.scores_hidden(hidden[..., -1, :], block)) >= self.threshold
+
+
 def make_router(kind: str, seed: int = 0, **kwargs):
     if kind == "static":
         return StaticRouter()
@@ -74,4 +96,6 @@ def make_router(kind: str, seed: int = 0, **kwargs):
         return RandomRouter(seed)
     if kind == "learned":
         return LearnedRouter(**kwargs)
+    if kind == "mod":
+        return HiddenStateRouter(**kwargs)
     raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTER_KINDS)}")

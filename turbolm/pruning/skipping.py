@@ -116,7 +116,7 @@ class TokenPruner:
     """
 
     def __init__(self, model, router, schedule, *, dense_kv: bool = False, attention_queries: int = 8,
-                 train_records: bool = False):
+                 train_records: bool = False, track_attention: bool | None = None):
         self.model = model
         self.layers = decoder_layers(model)
         if len(schedule) != len(self.layers):
@@ -133,6 +133,9 @@ class TokenPruner:
         self.schedule = [float(s) for s in schedule]
         self.dense_kv = dense_kv
         self.attention_queries = attention_queries
+        # The attention factor costs a little per block; routers that ignore it skip it.
+        self.track_attention = (getattr(router, "kind", "learned") == "learned" if track_attention is None
+                                else track_attention)
         self.enabled = True
         self.training_mode = False
         self.train_records = train_records
@@ -251,6 +254,15 @@ class TokenPruner:
         return build_factors(positions, seq.attention.shape[1], seq.attention, self.schedule[idx],
                              rank=rank_of(seq.attention))
 
+    @property
+    def _hidden_router(self) -> bool:
+        return getattr(self.router, "uses_hidden", False)
+
+    def _scores(self, idx: int, fw: _Forward, hidden: torch.Tensor, factors=None) -> torch.Tensor:
+        if self._hidden_router:
+            return self.router.scores_hidden(hidden, idx)
+        return self.router.scores(self._factors(idx, fw, fw.positions) if factors is None else factors)
+
     def _n_skip(self, idx: int, T: int, fw: _Forward) -> int:
         has_sink = bool(fw.positions[0, 0] == 0)
         return max(0, min(int(self.schedule[idx] * T + 0.5), T - 1 if has_sink or T > 1 else 0))
@@ -294,8 +306,7 @@ class TokenPruner:
         if n_skip == 0:
             keep_idx = None
         else:
-            factors = self._factors(idx, fw, fw.positions)
-            keep_idx = self._keep_indices(self.router.scores(factors), T - n_skip, fw)
+            keep_idx = self._keep_indices(self._scores(idx, fw, hidden), T - n_skip, fw)
         self.stats.add(idx, B * T, B * n_skip, decode=False)
         if keep_idx is None or self.dense_kv:
             mask = self._mask(T, n_past, hidden.dtype, hidden.device, B)
@@ -328,7 +339,8 @@ class TokenPruner:
         if self.schedule[idx] == 0.0:  # a dense block stays dense in decoding too
             keep = True
         else:
-            keep = bool(self.router.keep_decode(self._factors(idx, fw, fw.positions)).all())
+            keep = bool(self.router.keep_decode_hidden(hidden, idx).all() if self._hidden_router
+                        else self.router.keep_decode(self._factors(idx, fw, fw.positions)).all())
         self.stats.add(idx, 1, 0 if keep else 1, decode=True)
         if not keep and not self.dense_kv:
             return hidden
@@ -345,8 +357,8 @@ class TokenPruner:
             raise TurboLMError("training mode runs without a KV cache (use_cache=False)")
         B, T, D = hidden.shape
         n_skip = self._n_skip(idx, T, fw)
-        factors = self._factors(idx, fw, fw.positions)
-        logits = self.router.scores(factors)
+        factors = None if self._hidden_router else self._factors(idx, fw, fw.positions)
+        logits = self._scores(idx, fw, hidden, factors)
         keep_idx = self._keep_indices(logits.detach(), T - n_skip, fw)
         keep = torch.zeros(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, True)
         self.stats.add(idx, B * T, B * n_skip, decode=False)
@@ -391,7 +403,7 @@ class TokenPruner:
         captured rows when they are a gathered sub-batch.
         """
         q_all, k_all = self._captured.get("q_proj"), self._captured.get("k_proj")
-        if q_all is None or k_all is None or query_positions.shape[1] == 0:
+        if not self.track_attention or q_all is None or k_all is None or query_positions.shape[1] == 0:
             return
         attn = self.layers[idx].self_attn
         hd = attn.head_dim

@@ -95,10 +95,13 @@ def _batch(chunks: torch.Tensor, step: int, cfg: RouterTrainConfig) -> torch.Ten
 
 def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: str | Path,
                  cfg: RouterTrainConfig, *, reference=None, resume: bool = False, progress: bool = True,
-                 log=print) -> tuple[LearnedRouter, dict]:
-    """Train a LearnedRouter for ``schedule`` on ``train_chunks`` (N, T); state under ``out/train``.
+                 log=print, stop_at: int | None = None, router: torch.nn.Module | None = None
+                 ) -> tuple[torch.nn.Module, dict]:
+    """Train a router (default: a new LearnedRouter; or e.g. a HiddenStateRouter) for ``schedule``
+    on ``train_chunks`` (N, T); state under ``out/train``.
 
     ``reference``: a :class:`.calibration.DenseReference` for the periodic held-out KL.
+    ``stop_at``: stop (and checkpoint) after this step, as an interruption would; resume later.
     Returns the router and a summary (final losses, held-out KL, seconds).
     """
     from tqdm.auto import tqdm
@@ -113,7 +116,9 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
         raise TurboLMError(f"{len(train_chunks)} training chunks is fewer than the batch size {cfg.batch_size}")
     device = model.device
     torch.manual_seed(cfg.seed)
-    router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs)).to(device)
+    if router is None:
+        router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs))
+    router = router.to(device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "seconds": 0.0, "config": asdict(cfg)}
     if resume and (state_dir / "latest.json").exists():
@@ -127,7 +132,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="router", unit="step")
     last: dict = {}
     with pruner:
-        while state["step"] < cfg.steps:
+        while state["step"] < min(cfg.steps, cfg.steps if stop_at is None else stop_at):
             step = state["step"]
             t0 = time.perf_counter()
             ids = _batch(train_chunks, step, cfg).to(device)
@@ -165,7 +170,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
                 last["heldout_kl"] = round(reference.kl(pruner), 5)
             with open(state_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            if state["step"] % cfg.save_every == 0 or state["step"] in (cfg.steps, stop_at):
                 save_training_state(state_dir, router, optimizer, state, weights="router.safetensors")
             bar.set_postfix(kl=f"{last['distill']:.4f}", s=f"{soft_sparsity:.2f}")
             bar.update(1)
