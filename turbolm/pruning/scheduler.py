@@ -66,6 +66,10 @@ class SearchConfig:
     max_sparsity: float = 0.9  # per-block upper bound
     min_sparsity: float = 0.0
     seed: int = 0
+    # Share of the initial population drawn at random (Dirichlet); the rest are mutated copies of
+    # the seeds (uniform + ``initial``). Random schedules are mostly far worse than the seeds on a
+    # real model (sensitive blocks get high sparsity), so most of the budget searches near them.
+    random_fraction: float = 0.25
 
     def validate(self) -> None:
         """Fail early, with the setting named, rather than deep inside a long search."""
@@ -84,6 +88,7 @@ class SearchConfig:
             ("min_sparsity", _finite(self.min_sparsity), "a finite number"),
             ("max_sparsity", _finite(self.max_sparsity), "a finite number"),
             ("seed", isinstance(self.seed, int), "an integer"),
+            ("random_fraction", _finite(self.random_fraction) and 0 <= self.random_fraction <= 1, "in [0, 1]"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -413,7 +418,8 @@ def _initial_population(
     fixed: dict[int, float],
     initial: Sequence[Sequence[float]] | None,
 ) -> list[list[float]]:
-    """Uniform schedule first, then the given seeds (projected), then random fill; no duplicates where avoidable."""
+    """Uniform schedule first, then the given seeds (projected), then mutated copies of the seeds and
+    random schedules (``cfg.random_fraction`` of the population); no duplicates where avoidable."""
     lo, hi = cfg.min_sparsity, cfg.max_sparsity
     pop: list[list[float]] = []
     seen: set[tuple[float, ...]] = set()
@@ -428,6 +434,15 @@ def _initial_population(
         if len(s) != num_blocks:
             raise ScheduleError(f"initial schedule has {len(s)} entries, expected {num_blocks} blocks")
         add(project_to_mean(s, target, lo=lo, hi=hi, fixed=fixed))
+    seeds = list(pop)
+    free = [i for i in range(num_blocks) if i not in fixed]
+    n_random = round(cfg.random_fraction * cfg.population)
+    tries = 0
+    while len(pop) < cfg.population - n_random and cfg.mutation > 0 and free and tries < _DEDUP_TRIES * cfg.population:
+        parent = seeds[tries % len(seeds)]
+        add(project_to_mean(mutate_gaussian(rng, parent, free, cfg.mutation, cfg.mutation_rate, force=True),
+                            target, lo=lo, hi=hi, fixed=fixed))
+        tries += 1
     tries = 0
     while len(pop) < cfg.population:
         s = random_schedule(rng, num_blocks, target, lo, hi, fixed)

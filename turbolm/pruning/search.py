@@ -17,7 +17,9 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
                config: SearchConfig, *, initial=None, resume: bool = False, progress: bool = True,
                dense_kv: bool = False, first_block_dense: bool = False) -> SearchResult:
     """Search per-block sparsity of mean ``target`` for ``router``; writes ``out_file`` (JSON)
-    after each generation, and continues from it with ``resume=True``."""
+    after each generation, and continues from it with ``resume=True``. The first population holds
+    the uniform schedule, ``initial`` (default: the Block-Influence-proportional one), mutated
+    copies of them and a few random schedules."""
     out_file = Path(out_file)
     n = len(decoder_layers(model))
     previous = None
@@ -37,12 +39,27 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
         out_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(out_file, {**header, "search": result.to_json()})
 
+    if initial is None and previous is None:
+        initial = [influence_schedule(model, reference.chunks, target, config.max_sparsity)]
     pruner = TokenPruner(model, router, [target] * n, dense_kv=dense_kv)
     with pruner:
         result = search_schedule(n, target, reference.fitness(pruner), config, initial=initial, fixed=fixed,
                                  progress=progress, on_generation=save, resume=previous)
     save(None, result)
     return result
+
+
+def influence_schedule(model, chunks, target: float, max_sparsity: float = 0.9) -> list[float]:
+    """A seed for the search: sparsity in proportion to 1 - Block Influence (ShortGPT's BI: 1 - the
+    mean cosine between a block's input and output), so blocks that change their tokens most are
+    pruned least; projected onto the mean ``target``."""
+    from .baselines import block_influence
+    from .scheduler import project_to_mean
+
+    bi = block_influence(model, chunks)
+    weights = [max(1e-3, 1.0 - b) for b in bi]
+    mean_w = sum(weights) / len(weights)
+    return project_to_mean([target * w / mean_w for w in weights], target, lo=0.0, hi=max_sparsity)
 
 
 def read_schedule(path: str | Path) -> list[float]:

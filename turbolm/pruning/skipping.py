@@ -153,6 +153,8 @@ class TokenPruner:
             return self
         if getattr(self.model, "turbolm_pruner", None) is not None:
             raise TurboLMError("this model already has a token pruner attached; detach it first")
+        if getattr(self.model, "turbolm_dropper", None) is not None:
+            raise TurboLMError("this model has layers dropped by a LayerDropper; detach it first")
         for idx, layer in enumerate(self.layers):
             orig = layer.forward
             layer.forward = self._make_forward(idx, orig)

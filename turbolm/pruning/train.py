@@ -27,7 +27,7 @@ from ..checkpointing import load_training_state, save_training_state
 from ..errors import TurboLMError
 from .calibration import default_score_last
 from .factors import FACTOR_NAMES
-from .router import LearnedRouter, StaticRouter
+from .router import LearnedRouter
 from .skipping import TokenPruner
 
 
