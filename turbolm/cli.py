@@ -151,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_draft_parser(sub)
     _add_bench_parser(sub)
+    from .evaluation.command import register as register_eval
     from .pruning.command import register as register_prune
 
     register_prune(sub)
+    register_eval(sub)
     return parser
 
 
@@ -500,6 +502,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation.command import cmd_eval as run_eval
+
+    return run_eval(args)
+
+
 def cmd_prune(args) -> int:
     from .pruning.command import run
 
@@ -507,7 +515,7 @@ def cmd_prune(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo, "draft": cmd_draft, "bench": cmd_bench,
-            "prune": cmd_prune}
+            "prune": cmd_prune, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
