@@ -50,6 +50,18 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "rolling windows; smaller strides give each token more context)")
     p.add_argument("--equal-length-batches", action="store_true",
                    help="only batch sequences of equal length, never pad (always on for models that need it)")
+    g = p.add_argument_group("pruned models (default: the dense model)")
+    g.add_argument("--pruner", default=None, help="FTP pruner checkpoint (from `turbolm prune train`)")
+    g.add_argument("--router", choices=["learned", "static", "random", "mod"], default=None,
+                   help="with --pruner: use this router with the checkpoint's schedule")
+    g.add_argument("--baseline", choices=["static", "random", "shortgpt", "blockpruner"], default=None,
+                   help="static / random token routers (--sparsity uniform or --schedule FILE); shortgpt: remove the "
+                        "layers of lowest Block Influence; blockpruner: remove attention/MLP blocks greedily by "
+                        "calibration perplexity (both on --calibration-data; cached per model)")
+    g.add_argument("--sparsity", type=float, default=None, help="fraction of (token, block) work to remove")
+    g.add_argument("--schedule", default=None, help="per-block schedule file (search JSON or pruner config) for --baseline static/random")
+    g.add_argument("--calibration-data", default=None,
+                   help="Alpaca/ShareGPT rows for the baselines' calibration (default: ../shared/data/alpaca/alpaca_5000.json)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the Markdown table")
     return p
@@ -74,6 +86,14 @@ def build_model(args, model, tokenizer):
     would change with padding)."""
     from .harness import hf_logits_fn
 
+    if getattr(args, "pruner", None) or getattr(args, "baseline", None):
+        from ..pruning.variants import build_variant
+
+        variant = build_variant(model, tokenizer, pruner=args.pruner, router=args.router, baseline=args.baseline,
+                                sparsity=args.sparsity, schedule=args.schedule, calibration_data=args.calibration_data)
+        variant.handle.attach()
+        args.variant = variant  # run_eval reports the work it removed
+        return hf_logits_fn(model), True if variant.token_level else bool(args.equal_length_batches), variant.name
     src = getattr(model, "turbolm_source", None)
     name = src.name if src is not None else type(model).__name__
     dtype = str(model.dtype).replace("torch.", "")
@@ -197,6 +217,14 @@ def run_eval(args, progress: bool = True) -> dict:
         },
         "results": results,
     }
+    variant = getattr(args, "variant", None)
+    if variant is not None:
+        removed = variant.compute_removed()
+        report["pruning"] = {"method": variant.name, "target_sparsity": args.sparsity,
+                             "work_removed": None if removed is None else round(removed, 4)}
+        stats = getattr(variant.handle, "stats", None)
+        if stats is not None:
+            report["pruning"]["token_stats"] = stats.to_json()
     if args.out:
         out = Path(args.out)
         try:
@@ -213,4 +241,8 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown_table(report))
+        if "pruning" in report:
+            pr = report["pruning"]
+            removed = "n/a" if pr["work_removed"] is None else f"{pr['work_removed']:.1%}"
+            print(f"\n{pr['method']}: (token, block) work removed {removed}")
     return 0
