@@ -59,6 +59,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "layers of lowest Block Influence; blockpruner: remove attention/MLP blocks greedily by "
                         "calibration perplexity (both on --calibration-data; cached per model)")
     g.add_argument("--sparsity", type=float, default=None, help="fraction of (token, block) work to remove")
+    g.add_argument("--label", default=None, help="method name in the report (e.g. for an ablation's checkpoint)")
     g.add_argument("--schedule", default=None, help="per-block schedule file (search JSON or pruner config) for --baseline static/random")
     g.add_argument("--calibration-data", default=None,
                    help="Alpaca/ShareGPT rows for the baselines' calibration (default: ../shared/data/alpaca/alpaca_5000.json)")
@@ -75,6 +76,20 @@ def load_base(args):
     from ..models import load_target
 
     return load_target(args.model, dtype=args.dtype, device=args.device)
+
+
+def _dense_reference(args, model, tokenizer):
+    """The dense next-token distributions on the held-out calibration chunks (for the KL of a pruned
+    model to the dense one), or None without calibration data."""
+    from ..pruning.calibration import DenseReference
+    from ..pruning.variants import calibration_chunks
+
+    try:
+        chunks = calibration_chunks(tokenizer, args.calibration_data)
+    except TurboLMError as e:
+        print(f"turbolm eval: no KL to the dense model: {e}", file=sys.stderr)
+        return None
+    return DenseReference(model, chunks)
 
 
 def build_model(args, model, tokenizer):
@@ -188,6 +203,9 @@ def run_eval(args, progress: bool = True) -> dict:
     if args.batch_size < 1:
         raise TurboLMError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = load_base(args)
+    reference = None
+    if getattr(args, "pruner", None) or getattr(args, "baseline", None):
+        reference = _dense_reference(args, model, tokenizer)  # before the model is pruned
     logits_fn, equal_length, description = build_model(args, model, tokenizer)
     max_length = context_length(model, tokenizer) or DEFAULT_PPL_CONTEXT
     ppl_context = args.context_length or min(DEFAULT_PPL_CONTEXT, max_length)
@@ -220,11 +238,16 @@ def run_eval(args, progress: bool = True) -> dict:
     variant = getattr(args, "variant", None)
     if variant is not None:
         removed = variant.compute_removed()
-        report["pruning"] = {"method": variant.name, "target_sparsity": args.sparsity,
+        report["pruning"] = {"method": getattr(args, "label", None) or variant.method, "variant": variant.name,
+                             "target_sparsity": round(variant.target_sparsity, 4),
                              "work_removed": None if removed is None else round(removed, 4)}
         stats = getattr(variant.handle, "stats", None)
         if stats is not None:
             report["pruning"]["token_stats"] = stats.to_json()
+        if reference is not None:
+            report["pruning"]["kl_to_dense"] = round(reference.kl(variant.handle), 5)
+            report["pruning"]["kl_data"] = (f"{reference.chunks.shape[0]} held-out chunks x {reference.chunks.shape[1]} "
+                                            f"tokens of the calibration data, last {reference.score_last} positions")
     if args.out:
         out = Path(args.out)
         try:
@@ -244,5 +267,5 @@ def cmd_eval(args) -> int:
         if "pruning" in report:
             pr = report["pruning"]
             removed = "n/a" if pr["work_removed"] is None else f"{pr['work_removed']:.1%}"
-            print(f"\n{pr['method']}: (token, block) work removed {removed}")
+            print(f"\n{pr['variant']}: (token, block) work removed {removed}, KL to dense {pr.get('kl_to_dense')}")
     return 0

@@ -16,7 +16,8 @@ STEPS_HELP = """FTP token-wise pruning, in four steps:
             then fine-tune the schedule once more with it; writes a pruner checkpoint
   generate  greedy generation with a pruner (prefill skips tokens; each new token runs a block only if
             the router's score passes the threshold)
-  bench     prefill wall-clock, dense vs pruned, and the token sparsity achieved"""
+  bench     prefill wall-clock, dense vs pruned, and the token sparsity achieved
+  report    accuracy-retention table and plot from `turbolm eval` results of pruned models"""
 
 
 def _model_args(p) -> None:
@@ -51,7 +52,7 @@ def _pruner_args(p) -> None:
 
 
 def register(sub) -> None:
-    pr = sub.add_parser("prune", help="FTP token-wise pruning: search, train, generate, bench",
+    pr = sub.add_parser("prune", help="FTP token-wise pruning: search, train, generate, bench, report",
                         description=STEPS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = pr.add_subparsers(dest="prune_command", required=True)
 
@@ -112,6 +113,12 @@ def register(sub) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object (a list for several lengths)")
     _pruner_args(b)
     _model_args(b)
+
+    r = steps.add_parser("report", help="the accuracy-retention table and plot from `turbolm eval --out` files",
+                         description="Reads every eval JSON in --results (one dense run, pruned runs from `turbolm "
+                                     "eval --pruner/--baseline`), writes report.md, report.json and retention.png.")
+    r.add_argument("--results", required=True, help="folder of `turbolm eval --json --out` files")
+    r.add_argument("--out", default=None, help="output folder (default: --results)")
 
 
 def _load(args):
@@ -279,7 +286,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "train": cmd_train, "generate": cmd_generate, "bench": cmd_bench}
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    out = args.out or args.results
+    write_report(args.results, out)
+    print((Path(out) / "report.md").read_text())
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "train": cmd_train, "generate": cmd_generate, "bench": cmd_bench,
+            "report": cmd_report}
 
 
 def run(args) -> int:

@@ -23,6 +23,8 @@ class Variant:
     name: str
     handle: object  # TokenPruner or LayerDropper: attach()/detach(), context manager
     token_level: bool  # per-token decisions (batches must not be padded)
+    method: str = ""  # the method independent of its sparsity, for grouping in reports
+    target_sparsity: float | None = None
 
     def compute_removed(self) -> float | None:
         """Fraction of (token, block) work removed, as measured on what ran (token pruners) or by
@@ -56,7 +58,9 @@ def build_variant(model, tokenizer, *, pruner: str | None = None, router: str | 
         raise TurboLMError("give --pruner or --baseline, not both")
     if pruner:
         p = load_pruner(pruner, model, router=router, seed=seed)
-        return Variant(f"FTP {p.router.kind} router ({Path(pruner).name})", p, True)
+        label = {"learned": "FTP (learned)", "static": "FTP (static)", "random": "random", "mod": "MoD-style router"}
+        return Variant(f"FTP {p.router.kind} router ({Path(pruner).name})", p, True,
+                       label.get(p.router.kind, p.router.kind), sum(p.schedule) / len(p.schedule))
     if baseline not in BASELINES:
         raise TurboLMError(f"--baseline must be one of {', '.join(BASELINES)}")
     n = len(decoder_layers(model))
@@ -68,19 +72,22 @@ def build_variant(model, tokenizer, *, pruner: str | None = None, router: str | 
         else:
             raise TurboLMError(f"--baseline {baseline} needs --sparsity S (uniform) or --schedule FILE")
         what = f"schedule {Path(schedule).name}" if schedule else f"uniform {sparsity:.0%}"
-        return Variant(f"{baseline} router, {what}", TokenPruner(model, make_router(baseline, seed=seed), sched), True)
+        label = "FTP (static)" if baseline == "static" and schedule else f"{baseline} router"
+        return Variant(f"{baseline} router, {what}", TokenPruner(model, make_router(baseline, seed=seed), sched), True,
+                       label, sum(sched) / len(sched))
     if sparsity is None or not 0 < sparsity < 1:
         raise TurboLMError(f"--baseline {baseline} needs --sparsity S in (0, 1)")
     chunks = calibration_chunks(tokenizer, calibration_data)
     if baseline == "shortgpt":
         bi = _cached(model, "shortgpt-bi", lambda: {"bi": block_influence_of(model, chunks)})["bi"]
         drop = shortgpt_layers(bi, sparsity)
-        return Variant(f"ShortGPT ({len(drop)} of {n} layers removed)", LayerDropper(model, drop_layers=drop), False)
+        return Variant(f"ShortGPT ({len(drop)} of {n} layers removed)", LayerDropper(model, drop_layers=drop), False,
+                       "ShortGPT", sparsity)
     order = blockpruner_order_cached(model, chunks, max(sparsity, 0.4))
     blocks = blockpruner_blocks(order, sparsity)
     d = LayerDropper(model, **blocks)
     return Variant(f"BlockPruner ({len(blocks['drop_attention'])} attention + {len(blocks['drop_mlp'])} MLP blocks)",
-                   d, False)
+                   d, False, "BlockPruner", sparsity)
 
 
 def block_influence_of(model, chunks):
