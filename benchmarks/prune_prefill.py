@@ -27,6 +27,39 @@ from turbolm.pruning.checkpoint import SHIPPED, load_pruner  # noqa: E402
 from turbolm.pruning.skipping import decoder_layers  # noqa: E402
 
 
+DECODE_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short poem about the sea.",
+    "Explain in three sentences why the sky is blue.",
+]
+
+
+def decode_rows(model, tokenizer, pruners, max_new_tokens: int) -> list[dict]:
+    """Greedy decoding with each trained pruner: blocks skipped by new tokens, and how many of the
+    generated tokens match the dense model's (position by position)."""
+    from turbolm.chat import encode_prompt
+    from turbolm.generation import generate
+
+    prompts = [encode_prompt(tokenizer, p) for p in DECODE_PROMPTS]
+    dense = [generate(model, tokenizer, ids, max_new_tokens=max_new_tokens) for ids in prompts]
+    out = []
+    print("\n| pruner | blocks skipped by new tokens | prefill sparsity | new tokens equal to dense |\n|---|---|---|---|")
+    for name, pruner in pruners:
+        if not name.startswith("learned"):
+            continue
+        pruner.reset_stats()
+        same = total = 0
+        with pruner:
+            for ids, ref in zip(prompts, dense):
+                res = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+                same += sum(a == b for a, b in zip(res.token_ids, ref.token_ids))
+                total += len(ref.token_ids)
+        row = {"pruner": name, **pruner.stats.to_json(), "tokens_equal_to_dense": same, "tokens": total}
+        out.append(row)
+        print(f"| {name} | {row['decode_sparsity']:.1%} | {row['prefill_sparsity']:.1%} | {same}/{total} |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -37,6 +70,8 @@ def main() -> int:
     ap.add_argument("--pruner", action="append", default=None, help="pruner checkpoint (repeatable; default: the shipped ones)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--text-file", default=None)
+    ap.add_argument("--decode-tokens", type=int, default=32,
+                    help="greedy tokens per built-in prompt for the decode statistics of trained pruners (0: skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -65,9 +100,11 @@ def main() -> int:
     for r in rows:
         print(f"| {r['prompt_length']} | {r['router']} | {r['token_sparsity']:.1%} | {r['dense_seconds']:.3f} | "
               f"{r['pruned_seconds']:.3f} | {r['speedup']:.2f}x |")
+    decode = decode_rows(model, tokenizer, pruners, args.decode_tokens) if args.decode_tokens else []
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": machine, "text": source, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"machine": machine, "text": source, "rows": rows, "decode": decode},
+                                             indent=1))
     return 0
 
 

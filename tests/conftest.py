@@ -107,6 +107,20 @@ def tiny(tiny_dir):
     return load_target(tiny_dir)
 
 
+def random_ids(T: int = 24, B: int = 1, seed: int = 0) -> torch.Tensor:
+    """Token ids (B, T) from the tiny tokenizer's ordinary range, reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (B, T), generator=g)
+
+
+@pytest.fixture(scope="session")
+def three_layer_llama(tmp_path_factory):
+    """(model, tokenizer): a tiny random Llama with three layers (the pruning tests' workhorse)."""
+    from turbolm import load_target
+
+    return load_target(make_model_dir(tmp_path_factory.mktemp("three"), "llama", num_hidden_layers=3, seed=1))
+
+
 @pytest.fixture(scope="session")
 def default_model():
     from turbolm import load_target

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model_dir
+from conftest import random_ids
 from turbolm import TurboLMError, load_target
 from turbolm.generation import forward, generate, new_cache
 from turbolm.pruning.baselines import (
@@ -21,14 +21,13 @@ from turbolm.pruning.baselines import (
 )
 
 
-@pytest.fixture(scope="module")
-def three(tmp_path_factory):
-    return load_target(make_model_dir(tmp_path_factory.mktemp("three"), "llama", num_hidden_layers=3, seed=1))
+@pytest.fixture()
+def three(three_layer_llama):
+    return three_layer_llama
 
 
 def _ids(T=24, B=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 300, (B, T), generator=g)
+    return random_ids(T, B, seed)
 
 
 def _logits(model, ids):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_model_dir
+from conftest import make_model_dir, random_ids
 from turbolm import TurboLMError, load_target
 from turbolm.generation import forward, generate, new_cache
 from turbolm.pruning import LearnedRouter, RandomRouter, StaticRouter, TokenPruner
@@ -36,14 +36,12 @@ def one_layer(tmp_path_factory):
     return load_target(make_model_dir(tmp_path_factory.mktemp("one"), "llama", num_hidden_layers=1))
 
 
-@pytest.fixture(scope="module")
-def three_layers(tmp_path_factory):
-    return load_target(make_model_dir(tmp_path_factory.mktemp("three"), "llama", num_hidden_layers=3, seed=1))
+@pytest.fixture()
+def three_layers(three_layer_llama):
+    return three_layer_llama
 
 
-def _ids(T=24, B=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 300, (B, T), generator=g)
+_ids = random_ids
 
 
 def _one_block(model, ids, positions):
