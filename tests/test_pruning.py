@@ -354,3 +354,18 @@ def test_hidden_state_router_trains_and_round_trips(three_layers, tmp_path):
         generate(model, tok, chunks[0].tolist(), max_new_tokens=3)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert 0.25 < pruner.stats.prefill_sparsity < 0.35
+
+
+def test_learned_router_starts_as_the_static_one(three_layers):
+    router = LearnedRouter().init_static()
+    f = build_factors(torch.arange(200)[None], 200, torch.rand(1, 200) * 3, 0.3)
+    assert torch.equal(router.scores(f).argsort(dim=1), StaticRouter().scores(f).argsort(dim=1))
+    assert bool(router.keep_decode(f[:, -1:]).all())
+    model, _ = three_layers
+    ids = _ids(T=40, B=2)
+    with torch.no_grad():
+        with TokenPruner(model, StaticRouter(), [0.3, 0.5, 0.2]):
+            static = model(ids, use_cache=False).logits
+        with TokenPruner(model, router, [0.3, 0.5, 0.2]):
+            learned = model(ids, use_cache=False).logits
+    torch.testing.assert_close(static, learned)

@@ -81,7 +81,9 @@ def register(sub) -> None:
                         "ablation, a linear score per block from the hidden state")
     t.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     t.add_argument("--batch-size", type=int, default=4, help="chunks per step (default: 4)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine decay (default: 3e-3)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default: 1e-3)")
+    t.add_argument("--init", choices=["static", "random"], default="static",
+                   help="static (default): start the router from the static router's ranking; random: default init")
     t.add_argument("--sparsity-weight", type=float, default=10.0, help="weight of the one-sided sparsity loss (default: 10)")
     t.add_argument("--guide-weight", type=float, default=1.0, help="initial weight of the guide loss (default: 1)")
     t.add_argument("--guide-steps", type=int, default=None, help="steps over which the guide weight decays to 0 (default: steps/2)")
@@ -207,7 +209,7 @@ def cmd_train(args) -> int:
         raise TurboLMError("--drop-factor removed every router input")
     cfg = RouterTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sparsity_weight=args.sparsity_weight,
                             guide_weight=args.guide_weight, guide_steps=args.guide_steps or max(1, args.steps // 2),
-                            inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last,
+                            inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last, init=args.init,
                             save_every=args.save_every, seed=args.seed)
     with TokenPruner(model, StaticRouter(), schedule, dense_kv=args.dense_kv) as static:
         static_kl = reference.kl(static)
@@ -218,7 +220,7 @@ def cmd_train(args) -> int:
         initial = HiddenStateRouter(model.config.hidden_size, n, threshold=cfg.threshold)
     router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=args.resume,
                                    router=initial)
-    trained_kl = summary.get("heldout_kl")
+    trained_kl = summary.get("best_heldout_kl")
     final = schedule
     finetune = None
     if args.finetune_generations > 0:

@@ -55,6 +55,22 @@ class LearnedRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(len(FACTOR_NAMES), hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.threshold = threshold
 
+    @torch.no_grad()
+    def init_static(self, slope: float = 10.0, weight: float = 10.0, noise: float = 0.01) -> "LearnedRouter":
+        """Start from the static router: one hidden unit rises with the position, the rest are
+        small random weights, so the ranking is the static one (most recent first) and the newest
+        token's score passes the threshold. Training then only has to find improvements on it.
+        Without the position input (an ablation) the default random start is kept."""
+        if "position" not in self.inputs:
+            return self
+        for p in self.parameters():
+            p.mul_(noise)
+        self.net[0].weight[0].zero_()
+        self.net[0].weight[0, 0] = slope
+        self.net[0].bias[0] = 0.0
+        self.net[2].weight[0, 0] = weight
+        return self
+
     def forward(self, factors: torch.Tensor) -> torch.Tensor:
         # A removed factor (ablation) is zeroed, so checkpoints keep one shape.
         x = factors.to(self.net[0].weight.dtype) * self.mask.to(factors.device)

@@ -7,7 +7,9 @@
 - guide: binary cross-entropy of the router's gates toward the static router's keep decisions,
   weight decaying linearly from ``guide_weight`` to 0 over ``guide_steps``.
 
-The top-k choice is relaxed by straight-through gates: the forward pass uses the hard keep
+The router starts from the static router's ranking (``init="static"``) and the held-out KL is
+measured every ``eval_every`` steps; the best router so far is what training returns. The top-k
+choice is relaxed by straight-through gates: the forward pass uses the hard keep
 decisions (exactly the tokens inference would compute), the backward pass the sigmoid's
 gradient (see ``TokenPruner`` training mode). Checkpoints are atomic and resumable.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpointing import load_training_state, save_training_state
+from ..checkpointing import atomic_write, load_training_state, save_training_state
 from ..errors import TurboLMError
 from .calibration import default_score_last
 from .factors import FACTOR_NAMES
@@ -35,7 +37,8 @@ from .skipping import TokenPruner
 class RouterTrainConfig:
     steps: int = 200
     batch_size: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3
+    init: str = "static"  # "static": start from the static router's ranking (LearnedRouter.init_static); "random"
     sparsity_weight: float = 10.0
     guide_weight: float = 1.0
     guide_steps: int = 100
@@ -45,7 +48,7 @@ class RouterTrainConfig:
     dense_kv: bool = False
     score_last: int | None = None  # distil the last N positions of each chunk (default: its last quarter)
     save_every: int = 20
-    eval_every: int = 50
+    eval_every: int = 25
     seed: int = 0
 
 
@@ -118,9 +121,11 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     torch.manual_seed(cfg.seed)
     if router is None:
         router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs))
+        if cfg.init == "static":
+            router.init_static()
     router = router.to(device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = {"step": 0, "seconds": 0.0, "config": asdict(cfg)}
+    state = {"step": 0, "seconds": 0.0, "config": asdict(cfg), "best_kl": None, "best_step": None}
     if resume and (state_dir / "latest.json").exists():
         state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
         if state.get("config", {}).get("inputs") != list(cfg.inputs):
@@ -131,7 +136,24 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     lr_at = lambda s: cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))  # noqa: E731
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="router", unit="step")
     last: dict = {}
+    best_path = state_dir / "best.safetensors"
+
+    def held_out(step: int) -> float:
+        """Held-out KL with the inference path; the best router so far is kept (model selection)."""
+        from safetensors.torch import save_file
+
+        router.eval()
+        pruner.schedule = list(schedule)
+        kl = reference.kl(pruner)
+        if state.get("best_kl") is None or kl < state["best_kl"]:
+            state["best_kl"], state["best_step"] = kl, step
+            weights = {k: v.detach().float().contiguous().cpu() for k, v in router.state_dict().items()}
+            atomic_write(best_path, lambda p: save_file(weights, str(p)))
+        return kl
+
     with pruner:
+        if reference is not None and state["step"] == 0:
+            log(f"held-out KL of the initial router: {held_out(0):.5f}")
         while state["step"] < min(cfg.steps, cfg.steps if stop_at is None else stop_at):
             step = state["step"]
             t0 = time.perf_counter()
@@ -165,9 +187,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
                     "sparsity": float(l_sparse.detach()), "guide": float(l_guide.detach()), "guide_weight": w, "soft_sparsity": round(soft_sparsity, 4),
                     "lr": lr_at(step), "seconds": round(state["seconds"], 1)}
             if reference is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
-                router.eval()
-                pruner.schedule = list(schedule)
-                last["heldout_kl"] = round(reference.kl(pruner), 5)
+                last["heldout_kl"] = round(held_out(state["step"]), 5)
             with open(state_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
             if state["step"] % cfg.save_every == 0 or state["step"] in (cfg.steps, stop_at):
@@ -175,5 +195,11 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
             bar.set_postfix(kl=f"{last['distill']:.4f}", s=f"{soft_sparsity:.2f}")
             bar.update(1)
     bar.close()
+    if best_path.is_file():
+        from safetensors.torch import load_file
+
+        router.load_state_dict(load_file(str(best_path)))
     router.eval()
-    return router, {**last, "steps": state["step"], "train_seconds": round(state["seconds"], 1)}
+    return router, {**last, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
+                    "best_heldout_kl": None if state.get("best_kl") is None else round(state["best_kl"], 5),
+                    "best_step": state.get("best_step")}
