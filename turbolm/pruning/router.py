@@ -56,19 +56,24 @@ class LearnedRouter(nn.Module):
         self.threshold = threshold
 
     @torch.no_grad()
-    def init_static(self, slope: float = 10.0, weight: float = 10.0, noise: float = 0.01) -> "LearnedRouter":
-        """Start from the static router: one hidden unit rises with the position, the rest are
-        small random weights, so the ranking is the static one (most recent first) and the newest
-        token's score passes the threshold. Training then only has to find improvements on it.
-        Without the position input (an ablation) the default random start is kept."""
-        if "position" not in self.inputs:
+    def init_static(self, slope: float = 20.0, noise: float = 0.01) -> "LearnedRouter":
+        """Start from the static router: score = slope * (position - sparsity), exactly, plus
+        small random weights elsewhere. Two hidden units make it linear (GELU(z) - GELU(-z) = z),
+        so the ranking is the static one (most recent first) and sigmoid(score) >= 0.5 exactly
+        for the tokens the static rule keeps (position >= the block's sparsity): the one-sided
+        sparsity loss starts at ~0 and decoding keeps the newest token. Without the position or
+        sparsity input (an ablation) the default random start is kept."""
+        if "position" not in self.inputs or "sparsity" not in self.inputs:
             return self
         for p in self.parameters():
             p.mul_(noise)
-        self.net[0].weight[0].zero_()
-        self.net[0].weight[0, 0] = slope
-        self.net[0].bias[0] = 0.0
-        self.net[2].weight[0, 0] = weight
+        w1, w2 = self.net[0].weight, self.net[2].weight
+        w1[:2].zero_()
+        w1[0, 0], w1[0, 3] = 1.0, -1.0   # z = position - sparsity
+        w1[1, 0], w1[1, 3] = -1.0, 1.0   # -z
+        self.net[0].bias[:2] = 0.0
+        w2[0, 0], w2[0, 1] = slope, -slope
+        self.net[2].bias.zero_()
         return self
 
     def forward(self, factors: torch.Tensor) -> torch.Tensor:
