@@ -317,8 +317,9 @@ def test_default_model_pruning(default_model, tmp_path):
     from turbolm.pruning.checkpoint import SHIPPED, load_pruner
 
     model, tok = default_model
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+    from turbolm import encode_prompt
+
+    prompt = encode_prompt(tok, "What is the capital of France?")
     dense = generate(model, tok, prompt, max_new_tokens=16)
     with TokenPruner(model, LearnedRouter(), [0.0] * model.config.num_hidden_layers):
         assert generate(model, tok, prompt, max_new_tokens=16).token_ids == dense.token_ids
