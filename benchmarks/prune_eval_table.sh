@@ -7,9 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TURBOLM=${TURBOLM:-.venv/bin/turbolm}
-OUT=${OUT:-runs/prune_eval}
+OUT=${OUT:-benchmarks/results_prune_eval}
 LIMIT=${LIMIT:-100}
-LEVELS=${LEVELS:-"22 30 40"}
+PPL_LIMIT=${PPL_LIMIT:-10}  # WikiText-2 articles (~110 windows of 512 tokens)
+LEVELS=${LEVELS:-"30 22 40"}
 METHODS=${METHODS:-"dense ftp static random shortgpt blockpruner"}
 # MMLU is left out by default: --limit counts per subject (57 x LIMIT questions), too slow on 2 CPU cores,
 # and the default model is at chance on it; add it with TASKS=...,mmlu.
@@ -17,7 +18,7 @@ TASKS=${TASKS:-piqa,arc_easy,arc_challenge,winogrande,boolq,hellaswag,wikitext}
 CKPT=${CKPT:-turbolm/checkpoints/ftp-smollm2-135m-s}
 # WikiText-2: 512-token windows scored on their last 256 tokens (pruning serves the predictions after
 # the context; see the README), the same for every method.
-COMMON=(--tasks "$TASKS" --limit "$LIMIT" --context-length 512 --stride 256 --json)
+COMMON=(--tasks "$TASKS" --limit "$LIMIT" --ppl-limit "$PPL_LIMIT" --context-length 512 --stride 256 --json)
 mkdir -p "$OUT"
 run() {  # run NAME ARGS...
   local name=$1; shift
@@ -25,9 +26,10 @@ run() {  # run NAME ARGS...
   echo "== $name ($(date +%T))"
   "$TURBOLM" eval "${COMMON[@]}" --out "$OUT/$name.json" "$@" > /dev/null
 }
-for m in $METHODS; do
-  if [ "$m" = dense ]; then run dense; continue; fi
-  for s in $LEVELS; do
+case " $METHODS " in *" dense "*) run dense ;; esac
+for s in $LEVELS; do  # every method at the first level first: the comparison at 30% comes early
+  for m in $METHODS; do
+    [ "$m" = dense ] && continue
     sp=$(python3 -c "print($s/100)")
     case $m in
       ftp) run "ftp-s$s" --pruner "$CKPT$s" ;;

@@ -42,6 +42,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"folder holding multiple_choice/ and language_modeling/ (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each task (MMLU: per subject; "
                                                            "WikiText: the first N articles)")
+    p.add_argument("--ppl-limit", type=int, default=None,
+                   help="WikiText: only the first N articles (default: --limit)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--context-length", type=int, default=None,
                    help=f"perplexity window in tokens (default: {DEFAULT_PPL_CONTEXT} or the model's context if shorter)")
@@ -149,7 +151,9 @@ def select_tasks(args) -> list:
     names = list(dict.fromkeys(names))
     if args.limit is not None and args.limit < 1:
         raise TurboLMError(f"--limit must be >= 1, got {args.limit}")
-    tasks = [load_task(n, data_dir=args.data_dir, path=paths.get(n), limit=args.limit) for n in names]
+    ppl_limit = getattr(args, "ppl_limit", None) or args.limit
+    tasks = [load_task(n, data_dir=args.data_dir, path=paths.get(n), limit=ppl_limit if n == "wikitext" else args.limit)
+             for n in names]
     for f in args.task_file:
         task = load_task_file(f, limit=args.limit)
         if task.name in {t.name for t in tasks}:
@@ -228,7 +232,8 @@ def run_eval(args, progress: bool = True) -> dict:
     report = {
         "model": description,
         "config": {
-            "tasks": [t.name for t in tasks], "limit": args.limit, "batch_size": args.batch_size,
+            "tasks": [t.name for t in tasks], "limit": args.limit, "ppl_limit": getattr(args, "ppl_limit", None),
+            "batch_size": args.batch_size,
             "equal_length_batches": equal_length, "max_length": max_length,
             "context_length": ppl_context if has_rolling else None, "stride": stride if has_rolling else None,
             "dtype": args.dtype, "device": args.device, "data_dir": str(args.data_dir),
