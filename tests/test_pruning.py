@@ -370,3 +370,20 @@ def test_learned_router_starts_as_the_static_one(three_layers):
         with TokenPruner(model, router, [0.3, 0.5, 0.2]):
             learned = model(ids, use_cache=False).logits
     torch.testing.assert_close(static, learned)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_skip_and_generate(tiny_dirs, arch):
+    """Qwen2 (biased q/k projections) and Mistral: the gathered path equals the training path, and
+    pruned generation with a KV cache runs."""
+    model, tok = load_target(tiny_dirs[arch])
+    n = model.config.num_hidden_layers
+    ids = _ids(T=30, B=2)
+    with torch.no_grad(), TokenPruner(model, LearnedRouter(), [0.4] * n) as p:
+        gathered = model(ids, use_cache=False).logits
+        p.training_mode = True
+        masked = model(ids, use_cache=False).logits
+        p.training_mode = False
+        res = generate(model, tok, ids[0].tolist(), max_new_tokens=5)
+    torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-4)
+    assert len(res.token_ids) == 5 and p.stats.prefill_skipped > 0
