@@ -21,7 +21,7 @@ TASK_METRIC = {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc
 # Chance: uniform over the choices; BoolQ: the majority answer ("yes", 62.2% of the dev split).
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "winogrande": 0.5, "boolq": 0.622,
           "hellaswag": 0.25, "mmlu": 0.25}
-ABOVE_CHANCE_MARGIN = 0.05  # and at least 3 standard errors
+ABOVE_CHANCE_MARGIN = 0.05  # and at least 2 standard errors (about a 95% margin)
 
 
 def read_runs(results_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -56,7 +56,7 @@ def clearly_above_chance(dense: dict) -> list[str]:
         if r is None:
             continue
         value, err = r.get(TASK_METRIC[task]), r.get(f"{TASK_METRIC[task]}_stderr") or 0.0
-        if value is not None and value - CHANCE[task] >= max(ABOVE_CHANCE_MARGIN, 3 * err):
+        if value is not None and value - CHANCE[task] >= max(ABOVE_CHANCE_MARGIN, 2 * err):
             out.append(task)
     return out
 
@@ -100,7 +100,7 @@ def markdown(summary: dict) -> str:
     tasks = summary["tasks"]
     lines = [f"Tasks (metric): {', '.join(f'{t} ({m})' for t, m in summary['metric'].items())}; "
              f"first {summary['limit'] or 'all'} items each. Above-chance retention over: "
-             f"{', '.join(summary['above_chance_tasks']) or 'none'} (dense >= chance + max(5 points, 3 stderr)). "
+             f"{', '.join(summary['above_chance_tasks']) or 'none'} (dense >= chance + max(5 points, 2 stderr)). "
              f"WikiText-2: window {summary['wikitext']['context_length']}, stride {summary['wikitext']['stride']}.", ""]
     lines.append("| method | target sparsity | work removed | avg acc | retention | above-chance retention | "
                  "WikiText-2 ppl | ppl ratio | KL to dense |")
