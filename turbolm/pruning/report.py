@@ -132,12 +132,12 @@ def plot(summary: dict, path: str | Path) -> Path:
                            ("above_chance_retention", axes[1], "above-chance retention"),
                            ("ppl_ratio", axes[2], "WikiText-2 perplexity ratio (log)")):
         for method, rows in sorted(by_method.items()):
-            pts = sorted((r["work_removed"] if r["work_removed"] is not None else r["sparsity"], r[key])
+            pts = sorted((r["sparsity"] if r["sparsity"] is not None else r["work_removed"], r[key])
                          for r in rows if r[key] is not None)
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y if key == "ppl_ratio" else 100 * y for _, y in pts],
                         marker="o", label=method)
-        ax.set_xlabel("(token, block) work removed, %")
+        ax.set_xlabel("target sparsity (token, block work removed), %")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if key == "ppl_ratio":
