@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TurboLMError
-from .skipping import decoder_layers
+from .skipping import cache_of, decoder_layers
 
 BLOCK_KINDS = ("attention", "mlp")
 _MISSING = object()
@@ -158,13 +158,6 @@ def _anchor_layers(config, n_layers: int) -> set[int]:
     return anchors
 
 
-def _cache_of(kwargs):
-    for name in ("cache", "past_key_values", "past_key_value"):
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-    return None
-
-
 class LayerDropper:
     """Drop whole decoder layers, attention blocks and MLP blocks of ``model`` (in place;
     :meth:`detach` restores it exactly). Use as a context manager or attach()/detach().
@@ -255,7 +248,7 @@ class LayerDropper:
         """Zero keys/values for an anchor layer, so the cache length transformers reads stays right."""
         if idx not in self._anchors:
             return
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         if cache is None:
             return
         attn = self.layers[idx].self_attn

@@ -210,7 +210,7 @@ class TokenPruner:
     # -- one forward -------------------------------------------------------------------------
     def _begin(self, hidden: torch.Tensor, kwargs: dict) -> _Forward:
         B, T, _ = hidden.shape
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         seq = self._sequences.get(cache) if cache is not None else None
         if seq is None:
             if cache is not None and cache.get_seq_length() > 0:
@@ -300,7 +300,7 @@ class TokenPruner:
 
     def _prefill_block(self, idx, orig, hidden, args, kwargs, fw):
         B, T, D = hidden.shape
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         n_skip = self._n_skip(idx, T, fw)
         seq = fw.sequence
         past = seq.key_positions[idx]
@@ -337,7 +337,7 @@ class TokenPruner:
         return out
 
     def _decode_block(self, idx, orig, hidden, args, kwargs, fw):
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         if self.schedule[idx] == 0.0:  # a dense block stays dense in decoding too
             keep = True
         else:
@@ -355,7 +355,7 @@ class TokenPruner:
 
     def _train_block(self, idx, orig, hidden, args, kwargs, fw):
         """All tokens run with keys restricted to the kept tokens; straight-through gates."""
-        if _cache_of(kwargs) is not None and kwargs.get("use_cache"):
+        if cache_of(kwargs) is not None and kwargs.get("use_cache"):
             raise TurboLMError("training mode runs without a KV cache (use_cache=False)")
         B, T, D = hidden.shape
         n_skip = self._n_skip(idx, T, fw)
@@ -437,5 +437,9 @@ class TokenPruner:
         seq.attention.scatter_(1, k_pos, attention_value(probs).to(seq.attention.dtype))
 
 
-def _cache_of(kwargs):
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+def cache_of(kwargs):
+    """The KV cache a decoder layer was called with, under any transformers >= 5.17 keyword."""
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
