@@ -118,7 +118,12 @@ def test_a_differing_output_is_listed(tiny, questions, tmp_path, monkeypatch):
     assert o["differ"] == 3 and [d["question_id"] for d in o["differing"]] == [1, 2, 4]
     assert o["differing"][0] == {"question_id": 1, "turn": 0, "position": 7}  # the last of 8 tokens
     assert report["lossless"]["ok"] is False
-    assert "losslessness failure" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "losslessness failure" in text and "rounds differently" not in text  # float32: no excuse
+    from turbolm.bench.report import markdown
+
+    report["machine"]["dtype"] = "bfloat16"
+    assert "rounds differently" in markdown(report, [])
 
 
 def test_interrupt_still_writes_the_report(tiny, questions, tmp_path):
@@ -153,6 +158,33 @@ def test_busy_machine_warning():
     assert busy_machine(quiet) < 0.5
     assert busy_machine({**quiet, "load_average_end": [3.5, 0, 0]}) == 1.5
     assert busy_machine({**quiet, "load_average_start": None}) is None
+    # the /proc/stat measurement wins over the load average where the report has it
+    assert busy_machine({**quiet, "load_average_end": [3.5, 0, 0], "other_cpus_busy": 0.1}) == 0.1
+
+
+def test_other_cpus_busy_counts_other_processes_not_this_one():
+    import subprocess
+    import sys
+    import time
+
+    from turbolm.bench.machine import cpu_snapshot, other_cpus_busy
+
+    # arithmetic: 10 s of wall time, 25 CPU-seconds used in all, 5 of them by this process -> 2 CPUs
+    assert other_cpus_busy((0.0, 100.0, 1.0), (10.0, 125.0, 6.0)) == 2.0
+    assert other_cpus_busy((0.0, 100.0, 1.0), (10.0, 104.0, 6.0)) == 0.0  # clock ticks are coarse: never < 0
+    assert other_cpus_busy(None, (1.0, 1.0, 1.0)) is None
+    start = cpu_snapshot()
+    if start is None:
+        pytest.skip("no /proc/stat on this OS")
+    # another process spinning for ~1.5 s while this one sleeps reads as about one busy CPU
+    subprocess.run([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"], check=True)
+    assert other_cpus_busy(start, cpu_snapshot()) > 0.5
+    start = cpu_snapshot()
+    t = time.process_time()
+    while time.process_time() - t < 0.5:  # this process's own work is left out
+        pass
+    end = cpu_snapshot()
+    assert end[2] - start[2] >= 0.5
 
 
 def test_interrupt_inside_a_question_keeps_only_finished_questions(tiny, questions, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -24,6 +25,32 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU seconds every process has used, CPU seconds this process has used) on
+    Linux (/proc/stat), else None. Two snapshots give how many CPUs *other* processes kept busy
+    between them (``other_cpus_busy``) - unlike the load average, which lags by a minute and counts
+    this process and whatever ran just before it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    steal_and_guests = sum(ticks[7:]) if len(ticks) > 7 else 0  # steal, guest, guest_nice: not ours to judge
+    hz = os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), (sum(ticks) - idle - steal_and_guests) / hz, time.process_time()
+
+
+def other_cpus_busy(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> float | None:
+    """CPUs that processes other than this one kept busy on average between two ``cpu_snapshot()``s."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    return round(max((end[1] - start[1]) - (end[2] - start[2]), 0.0) / (end[0] - start[0]), 2)
 
 
 def describe_machine(model=None) -> dict:

@@ -104,8 +104,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def busy_machine(m: dict) -> float | None:
-    """Roughly how many CPUs other processes kept busy during the run (1-minute load average
-    before it, and after it less torch's own threads), or None if the OS does not say."""
+    """Roughly how many CPUs other processes kept busy during the run: measured from /proc/stat
+    less this process's own CPU time where the report has it (``other_cpus_busy``), else from the
+    1-minute load average (before the run, and after it less torch's own threads); None if the OS
+    does not say."""
+    if m.get("other_cpus_busy") is not None:
+        return m["other_cpus_busy"]
     start, end = m.get("load_average_start"), m.get("load_average_end")
     if not start or not end:
         return None
@@ -127,7 +131,10 @@ def machine_lines(report: dict) -> list[str]:
     ]
     busy = busy_machine(m)
     if busy is not None:
-        lines.append(f"- load average (1 min): {m['load_average_start'][0]} before the run, {m['load_average_end'][0]} after it")
+        if m.get("other_cpus_busy") is not None:
+            lines.append(f"- CPUs kept busy by other processes during the run (/proc/stat less this process): {busy:.2f}")
+        else:
+            lines.append(f"- load average (1 min): {m['load_average_start'][0]} before the run, {m['load_average_end'][0]} after it")
         if busy > 0.5:
             lines.append(f"- **warning: other processes kept about {busy:.1f} CPU(s) busy during the run; "
                          "timings (not tau or outputs) may be unreliable**")
@@ -178,6 +185,11 @@ def markdown(report: dict, plots: list[str]) -> str:
         verdict = ("none: every one of turbolm's methods reproduced vanilla's token ids" if loss["ok"]
                    else f"**{loss['ours_differing']} output(s) of turbolm's methods differ from vanilla (a losslessness failure)**")
         lines.append(f"turbolm's methods ({', '.join(ours) or 'none besides vanilla'}): {verdict}.")
+        if not loss["ok"] and report["machine"].get("dtype") in ("bfloat16", "float16"):
+            lines.append(f"Note: in {report['machine']['dtype']} a forward over several tokens rounds differently from "
+                         "one over a single token, so near-ties between the top two tokens can break differently "
+                         "(transformers' own prompt lookup, where run, shows the same); run the benchmark in float32 "
+                         "to check losslessness exactly.")
         for name, v in methods.items():
             for d in v["overall"]["differing"]:
                 note = "" if v["ours"] else " (transformers' own decoding, not turbolm's)"

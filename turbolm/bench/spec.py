@@ -27,7 +27,7 @@ import torch
 from ..chat import run_turns
 from ..errors import TurboLMError
 from ..generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate, synchronize
-from .machine import describe_machine, load_average
+from .machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +436,7 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     ratios: dict[str, list[float]] = {m: [] for m in methods if m != "vanilla"}  # for the progress bar
     interrupted = False
     bar = tqdm(total=len(selected), desc="spec-bench", unit="question", disable=not progress)
+    cpu_at_start = cpu_snapshot()  # after loading: our own loading must not read as a busy machine
     try:
         _warm_up(built, tokenizer, selected, config.warmup, config.max_new_tokens, sampling)
         with (out / "results.jsonl").open("w", encoding="utf-8") as sink:
@@ -460,7 +461,8 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
 
     report = summarise(records, methods, greedy=sampling.greedy)
     report.update(
-        machine={**describe_machine(model), "load_average_start": load_at_start, "load_average_end": load_average()},
+        machine={**describe_machine(model), "load_average_start": load_at_start, "load_average_end": load_average(),
+                 "other_cpus_busy": other_cpus_busy(cpu_at_start, cpu_snapshot())},
         config={**asdict(config), "methods": methods, "drafts": drafts,
                 "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
                 "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS)},
