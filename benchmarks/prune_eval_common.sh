@@ -2,8 +2,8 @@
 # every row of the pruning table is measured the same way, and the resumable router training.
 TURBOLM=${TURBOLM:-.venv/bin/turbolm}
 OUT=${OUT:-benchmarks/results_prune_eval}
-LIMIT=${LIMIT:-100}
-PPL_LIMIT=${PPL_LIMIT:-10}  # WikiText-2 articles (~110 windows of 512 tokens)
+LIMIT=${LIMIT:-100}         # items per task; "all" for the full sets
+PPL_LIMIT=${PPL_LIMIT:-10}  # WikiText-2 articles (~110 windows of 512 tokens); "all" for the whole test set
 DATA=${DATA:-../shared/data/alpaca/alpaca_5000.json}
 TRAIN_OUT=${TRAIN_OUT:-runs/prune}
 STEPS=${STEPS:-100}
@@ -13,7 +13,12 @@ TASKS=${TASKS:-piqa,arc_easy,arc_challenge,winogrande,boolq,hellaswag,wikitext}
 CKPT=${CKPT:-turbolm/checkpoints/ftp-smollm2-135m-s}
 # WikiText-2: 512-token windows scored on their last 256 tokens (pruning serves the predictions after
 # the context; see the README), the same for every method.
-COMMON=(--tasks "$TASKS" --limit "$LIMIT" --ppl-limit "$PPL_LIMIT" --context-length 512 --stride 256 --json)
+# EVAL_ARGS: more `turbolm eval` arguments for every run, e.g. "--device cuda --batch-size 64".
+COMMON=(--tasks "$TASKS" --context-length 512 --stride 256 --json)
+[ "$LIMIT" = all ] || COMMON+=(--limit "$LIMIT")
+[ "$PPL_LIMIT" = all ] && PPL_LIMIT=100000  # more articles than WikiText-2's test split has
+COMMON+=(--ppl-limit "$PPL_LIMIT")
+read -r -a _extra <<< "${EVAL_ARGS:-}"; COMMON+=("${_extra[@]}")
 mkdir -p "$OUT"
 
 run() {  # run NAME EVAL-ARGS...: one evaluation, skipped when its JSON exists
