@@ -50,7 +50,7 @@ def test_pruned_model_evaluation_end_to_end(tmp_path, tiny, tiny_dir, alpaca, mo
 
 def _fake_run(accs: dict, ppl: float, pruning: dict | None = None) -> dict:
     res = {t: {"acc": a, "acc_norm": a, "acc_stderr": 0.01, "acc_norm_stderr": 0.01, "n": 100} for t, a in accs.items()}
-    res["wikitext"] = {"ppl": ppl, "acc": None, "n": 10}
+    res["wikitext"] = {"ppl": ppl, "acc": None, "n": 10, "tokens": 53802}
     run = {"model": "m", "config": {"limit": 100, "context_length": 512, "stride": 256}, "results": res}
     if pruning:
         run["pruning"] = pruning
@@ -75,4 +75,13 @@ def test_report_from_fake_results(tmp_path, capsys):
     assert rows["ShortGPT"]["above_chance_retention"] == pytest.approx(0.0)
     assert rows["ShortGPT"]["ppl_ratio"] == pytest.approx(5.0)
     assert (tmp_path / "out" / "retention.png").stat().st_size > 0
-    assert "| FTP (learned) | 30.0% |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| FTP (learned) | 30.0% |" in out
+    assert "first 100 items of each" in out and "WikiText-2 (10 articles, 53,802 tokens): window 512, stride 256" in out
+    # full task sets (no --limit) say so
+    for f in tmp_path.glob("*.json"):
+        run = json.loads(f.read_text())
+        run["config"]["limit"] = None
+        f.write_text(json.dumps(run))
+    assert main(["prune", "report", "--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "; all items of each." in capsys.readouterr().out

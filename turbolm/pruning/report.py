@@ -87,7 +87,9 @@ def summarise(dense: dict, runs: list[dict]) -> dict:
         rows.append(row(run, p["method"], p.get("target_sparsity"), p.get("work_removed"), p.get("kl_to_dense")))
     return {"tasks": tasks, "above_chance_tasks": above, "metric": {t: TASK_METRIC[t] for t in tasks},
             "limit": dense["config"].get("limit"), "rows": rows,
-            "wikitext": {"context_length": dense["config"].get("context_length"), "stride": dense["config"].get("stride")}}
+            "wikitext": {"context_length": dense["config"].get("context_length"), "stride": dense["config"].get("stride"),
+                         "articles": (dense["results"].get("wikitext") or {}).get("n"),
+                         "tokens": (dense["results"].get("wikitext") or {}).get("tokens")}}
 
 
 def _f(v, pct=False, digits=2):
@@ -96,12 +98,21 @@ def _f(v, pct=False, digits=2):
     return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
 
 
+def _wikitext_size(w: dict) -> str:
+    if not w.get("articles"):
+        return ""
+    return f" ({w['articles']} articles" + (f", {w['tokens']:,} tokens)" if w.get("tokens") else ")")
+
+
 def markdown(summary: dict) -> str:
     tasks = summary["tasks"]
+    items = f"first {summary['limit']} items" if summary["limit"] else "all items"
     lines = [f"Tasks (metric): {', '.join(f'{t} ({m})' for t, m in summary['metric'].items())}; "
-             f"first {summary['limit'] or 'all'} items each. Above-chance retention over: "
+             f"{items} of each. "
+             f"Above-chance retention over: "
              f"{', '.join(summary['above_chance_tasks']) or 'none'} (dense >= chance + max(5 points, 2 stderr)). "
-             f"WikiText-2: window {summary['wikitext']['context_length']}, stride {summary['wikitext']['stride']}.", ""]
+             f"WikiText-2{_wikitext_size(summary['wikitext'])}: window {summary['wikitext']['context_length']}, "
+             f"stride {summary['wikitext']['stride']}.", ""]
     lines.append("| method | target sparsity | work removed | avg acc | retention | above-chance retention | "
                  "WikiText-2 ppl | ppl ratio | KL to dense |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
