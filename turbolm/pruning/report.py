@@ -138,25 +138,32 @@ def plot(summary: dict, path: str | Path) -> Path:
     for r in summary["rows"]:
         if r["method"] != "dense":
             by_method[r["method"]].append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    methods = sorted(by_method)
+    # one colour per method (tab10 repeats after 10; tab20 has 20), markers cycle too, so no two
+    # methods look alike; single-level rows (ablations) are points, not lines
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    markers = "os^Dv<>pPX*h"
     for key, ax, title in (("retention", axes[0], "retention (pruned / dense avg acc)"),
                            ("above_chance_retention", axes[1], "above-chance retention"),
                            ("ppl_ratio", axes[2], "WikiText-2 perplexity ratio (log)")):
-        for method, rows in sorted(by_method.items()):
+        for i, method in enumerate(methods):
             pts = sorted((r["sparsity"] if r["sparsity"] is not None else r["work_removed"], r[key])
-                         for r in rows if r[key] is not None)
+                         for r in by_method[method] if r[key] is not None)
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y if key == "ppl_ratio" else 100 * y for _, y in pts],
-                        marker="o", label=method)
+                        marker=markers[i % len(markers)], color=colours(i % colours.N), label=method,
+                        linestyle="-" if len(pts) > 1 else "none", markersize=6 if len(pts) > 1 else 8)
         ax.set_xlabel("target sparsity (token, block work removed), %")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if key == "ppl_ratio":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
