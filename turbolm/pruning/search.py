@@ -18,8 +18,8 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
                dense_kv: bool = False, first_block_dense: bool = False) -> SearchResult:
     """Search per-block sparsity of mean ``target`` for ``router``; writes ``out_file`` (JSON)
     after each generation, and continues from it with ``resume=True``. The first population holds
-    the uniform schedule, ``initial`` (default: the Block-Influence-proportional one and
-    :func:`first_layer_dense_schedule`), mutated copies of them and a few random schedules."""
+    the uniform schedule, ``initial`` (default: the Block-Influence-proportional one), mutated
+    copies of them and a few random schedules."""
     out_file = Path(out_file)
     n = len(decoder_layers(model))
     previous = None
@@ -41,23 +41,12 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
 
     if initial is None and previous is None:
         initial = [influence_schedule(model, reference.chunks, target, config.max_sparsity)]
-        initial += [s for s in [first_layer_dense_schedule(n, target)] if s is not None]
     pruner = TokenPruner(model, router, [target] * n, dense_kv=dense_kv)
     with pruner:
         result = search_schedule(n, target, reference.fitness(pruner), config, initial=initial, fixed=fixed,
                                  progress=progress, on_generation=save, resume=previous)
     save(None, result)
     return result
-
-
-def first_layer_dense_schedule(num_blocks: int, target: float) -> list[float] | None:
-    """A seed for the search: block 0 dense, the others uniform at the same mean ``target``
-    (None for a one-block model). On SmolLM2-135M at 30% it beats what the search found from the
-    other seeds (WikiText-2 perplexity x1.63 vs x1.96; uniform: x20.8): skipping the oldest tokens,
-    the first one among them, in the first block breaks long windows."""
-    if num_blocks < 2:
-        return None
-    return [0.0] + [target * num_blocks / (num_blocks - 1)] * (num_blocks - 1)
 
 
 def influence_schedule(model, chunks, target: float, max_sparsity: float = 0.9) -> list[float]:
