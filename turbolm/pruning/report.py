@@ -108,8 +108,7 @@ def markdown(summary: dict) -> str:
     tasks = summary["tasks"]
     items = f"first {summary['limit']} items" if summary["limit"] else "all items"
     lines = [f"Tasks (metric): {', '.join(f'{t} ({m})' for t, m in summary['metric'].items())}; "
-             f"{items} of each. "
-             f"Above-chance retention over: "
+             f"{items} of each. Above-chance retention over: "
              f"{', '.join(summary['above_chance_tasks']) or 'none'} (dense >= chance + max(5 points, 2 stderr)). "
              f"WikiText-2{_wikitext_size(summary['wikitext'])}: window {summary['wikitext']['context_length']}, "
              f"stride {summary['wikitext']['stride']}.", ""]
