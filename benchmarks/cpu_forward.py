@@ -1,5 +1,5 @@
 """CPU forward time over a few new tokens, with a KV cache, on the default model: plain PyTorch
-vs the fast paths (turbolm.fastpath and the alternatives it was chosen over).
+vs the fast paths (turbolm.core.kernels and the alternatives it was chosen over).
 
 Each forward runs ``n`` new tokens after a cached prompt (``--prompt-tokens``, 200), as a
 decoding step (n = 1) or a tree verification (n > 1) does, then the cache is cropped back.
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbolm import load_target
-from turbolm.fastpath import linear as fast_linear
-from turbolm.fastpath import optimize_for_small_batches
-from turbolm.generation import forward, new_cache
+from turbolm.core.kernels import linear as fast_linear
+from turbolm.core.kernels import optimize_for_small_batches
+from turbolm.core.generation import forward, new_cache
 from turbolm.speculative.cache import truncate
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -62,7 +62,7 @@ def transposed(model):
 
 
 def cpu_name() -> str:
-    from turbolm.bench.machine import cpu_model
+    from turbolm.core.machine import cpu_model
 
     return cpu_model()
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from turbolm import encode_prompt, load_target
-from turbolm.generation import FeatureCapture
+from turbolm.core.generation import FeatureCapture
 from turbolm.speculative import TreeConfig
 from turbolm.speculative.draft.model import DraftConfig, DraftModel
 from turbolm.speculative.proposers.jakiro import JakiroProposer

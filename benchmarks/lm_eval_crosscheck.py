@@ -87,7 +87,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int, batch_size: int,
 def run_turbolm(model, tokenizer, tasks: list[str], limit: int, batch_size: int, data_dir: Path) -> dict:
     from turbolm.evaluation.harness import Scorer, evaluate_task, hf_logits_fn
     from turbolm.evaluation.tasks import load_task
-    from turbolm.generation import context_length
+    from turbolm.core.generation import context_length
 
     scorer = Scorer(hf_logits_fn(model), tokenizer, max_length=context_length(model, tokenizer) or 2048,
                     batch_size=batch_size)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         sys.exit("lm-eval is not installed: `pip install lm-eval` (check with --dry-run that it keeps your torch)")
     import torch
 
-    from turbolm.models import load_target
+    from turbolm.core.models import load_target
 
     if args.threads:
         torch.set_num_threads(args.threads)

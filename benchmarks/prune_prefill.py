@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from turbolm.bench.machine import describe_machine  # noqa: E402
-from turbolm.models import load_target  # noqa: E402
+from turbolm.core.machine import describe_machine  # noqa: E402
+from turbolm.core.models import describe_model  # noqa: E402
+from turbolm.core.models import load_target  # noqa: E402
 from turbolm.pruning import StaticRouter, TokenPruner  # noqa: E402
 from turbolm.pruning.bench import prefill_benchmark, prompt_ids  # noqa: E402
 from turbolm.pruning.checkpoint import SHIPPED, load_pruner  # noqa: E402
@@ -37,8 +38,8 @@ DECODE_PROMPTS = [
 def decode_rows(model, tokenizer, pruners, max_new_tokens: int) -> list[dict]:
     """Greedy decoding with each trained pruner: blocks skipped by new tokens, and how many of the
     generated tokens match the dense model's (position by position)."""
-    from turbolm.chat import encode_prompt
-    from turbolm.generation import generate
+    from turbolm.core.chat import encode_prompt
+    from turbolm.core.generation import generate
 
     prompts = [encode_prompt(tokenizer, p) for p in DECODE_PROMPTS]
     dense = [generate(model, tokenizer, ids, max_new_tokens=max_new_tokens) for ids in prompts]
@@ -86,7 +87,7 @@ def main() -> int:
                                                           if args.model is None else [])
     for p in paths:
         pruners.append((f"learned {Path(p).name}", load_pruner(p, model)))
-    machine = describe_machine(model)
+    machine = {**describe_machine(), **describe_model(model)}
     print("machine:", json.dumps(machine))
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:

@@ -8,7 +8,7 @@ import torch
 
 from turbolm import TurboLMError, encode_chat
 from turbolm.bench import METHODS, SpecBenchConfig, run_spec_bench
-from turbolm.bench import spec as bench_spec
+from turbolm.bench import specbench as bench_spec
 from turbolm.cli import main
 from turbolm.speculative.draft.model import DraftConfig, DraftModel
 
@@ -167,7 +167,7 @@ def test_other_cpus_busy_counts_other_processes_not_this_one():
     import sys
     import time
 
-    from turbolm.bench.machine import cpu_snapshot, other_cpus_busy
+    from turbolm.core.machine import cpu_snapshot, other_cpus_busy
 
     # arithmetic: 10 s of wall time, 25 CPU-seconds used in all, 5 of them by this process -> 2 CPUs
     assert other_cpus_busy((0.0, 100.0, 1.0), (10.0, 125.0, 6.0)) == 2.0
@@ -276,7 +276,7 @@ def test_cli(capsys, tiny_dir, questions, tmp_path):
 
 
 def test_per_category_and_auto_tree(tiny, drafts, questions, tmp_path, monkeypatch):
-    from turbolm.bench.spec import load_questions, select_questions
+    from turbolm.bench.specbench import load_questions, select_questions
 
     qs, _ = load_questions(questions)
     picked = select_questions(qs, None, None, per_category=1)
@@ -318,7 +318,7 @@ def test_report_numbers_from_a_fake_results_file():
         rec(3, "math", "vanilla", 30, 3.0, {"1": 29}),
         rec(3, "math", "jakiro", 30, 3.0, {"2": 10, "4": 2}, diff={"turn": 0, "position": 5}),
     ]
-    rep = summarise(records, ["vanilla", "jakiro"], greedy=True)
+    rep = summarise(records, ["vanilla", "jakiro"], greedy=True, ours=("vanilla", "jakiro"))
     j = rep["methods"]["jakiro"]
     assert j["categories"]["qa"]["speedup"] == pytest.approx((2.0 + 4.0) / 2)  # mean of per-question ratios
     assert j["categories"]["qa"]["speedup_of_totals"] == pytest.approx((30 / 1.5) / (30 / 5.0))

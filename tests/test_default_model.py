@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from turbolm import Conversation, encode_prompt, generate, load_target
-from turbolm import models
+from turbolm.core import models
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from conftest import make_model_dir
 from turbolm import TurboLMError, encode_chat, generate
 from turbolm.cli import main
-from turbolm.generation import FeatureCapture
+from turbolm.core.generation import FeatureCapture
 from turbolm.speculative.draft import data
 from turbolm.speculative.draft.data import FeatureDataset, prepare_features, read_meta
 

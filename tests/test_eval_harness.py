@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbolm.errors import TurboLMError
+from turbolm.core.errors import TurboLMError
 from turbolm.evaluation.harness import Scorer, evaluate_task, hf_logits_fn, rolling_windows
 from turbolm.evaluation.tasks import (
     TASKS,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from turbolm import SamplingParams, TurboLMError, encode_prompt, generate, load_target
-from turbolm.generation import OutputTracker, logits_to_probs, next_token
+from turbolm.core.generation import OutputTracker, logits_to_probs, next_token
 
 PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "def add(a, b):"]
 

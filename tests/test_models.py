@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from turbolm import TurboLMError, load_target
-from turbolm import models
-from turbolm.models import cache_root, converted_gguf, gguf_cache_dir, parse_device, parse_dtype, resolve_source
+from turbolm.core import models
+from turbolm.core.models import cache_root, converted_gguf, gguf_cache_dir, parse_device, parse_dtype, resolve_source
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):

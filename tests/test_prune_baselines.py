@@ -9,7 +9,7 @@ import torch
 
 from conftest import random_ids
 from turbolm import TurboLMError, load_target
-from turbolm.generation import forward, generate, new_cache
+from turbolm.core.generation import forward, generate, new_cache
 from turbolm.pruning.baselines import (
     LayerDropper,
     block_influence,

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from turbolm import TurboLMError
-from turbolm.pruning.scheduler import (
+from turbolm.pruning.genetic import (
     SearchConfig,
     SearchResult,
     project_to_mean,

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_model_dir, random_ids
 from turbolm import TurboLMError, load_target
-from turbolm.generation import forward, generate, new_cache
+from turbolm.core.generation import forward, generate, new_cache
 from turbolm.pruning import LearnedRouter, RandomRouter, StaticRouter, TokenPruner
 from turbolm.pruning.factors import build_factors, rank_of, received_attention
 from turbolm.pruning.train import distillation_loss, guide_loss, sparsity_loss, static_keep

@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .chat import Conversation, encode_chat, encode_prompt, run_turns  # noqa: E402
-from .errors import TurboLMError  # noqa: E402
-from .generation import GenerationResult, SamplingParams, generate  # noqa: E402
-from .models import load_target  # noqa: E402
+from .core.chat import Conversation, encode_chat, encode_prompt, run_turns  # noqa: E402
+from .core.errors import TurboLMError  # noqa: E402
+from .core.generation import GenerationResult, SamplingParams, generate  # noqa: E402
+from .core.models import load_target  # noqa: E402
 
 __all__ = [
     "Conversation",

@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .errors import TurboLMError
+from .core.errors import TurboLMError
 
 DEMO_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .fastpath import apply_for_cli
-    from .models import load_target
+    from .core.kernels import apply_for_cli
+    from .core.models import load_target
 
     model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
     apply_for_cli(model, getattr(args, "fast_cpu", "auto"))
@@ -169,7 +169,7 @@ def _load(args):
 
 
 def _sampling(args):
-    from .generation import SamplingParams
+    from .core.generation import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.sampling_top_k, seed=args.seed)
 
@@ -180,7 +180,7 @@ def _stream_to_stdout(text: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .chat import encode_prompt
+    from .core.chat import encode_prompt
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = _sampling(args)
@@ -219,13 +219,13 @@ def _decoder(args, model, tokenizer):
     """A ``decode(ids, **kw) -> GenerationResult`` for the chosen method."""
     from functools import partial
 
-    from .generation import generate
+    from .core.generation import generate
 
     if args.speculative == "none":
         if any(v is not None for v in (args.total_tokens, args.depth, args.top_k)):
             raise TurboLMError("--total-tokens / --depth / --top-k need --speculative prompt-lookup or model")
         return partial(generate, model, tokenizer)
-    from .models import load_target
+    from .core.models import load_target
     from .speculative import ModelProposer, PromptLookupProposer, SpeculativeGenerator, TreeConfig
     from .speculative.proposers.small_model import truncated_draft
 
@@ -239,7 +239,7 @@ def _decoder(args, model, tokenizer):
         proposer = JakiroProposer(draft, model)
     elif args.draft_model:
         draft, draft_tokenizer = load_target(args.draft_model, dtype=args.dtype, device=args.device)
-        from .fastpath import apply_for_cli
+        from .core.kernels import apply_for_cli
 
         apply_for_cli(draft, args.fast_cpu)
         proposer = ModelProposer(draft, draft_tokenizer)
@@ -282,7 +282,7 @@ def machine_info() -> dict:
     import transformers
 
     from . import __version__
-    from .bench.machine import cpu_model
+    from .core.machine import cpu_model
 
     cpu = cpu_model()
     info = {
@@ -302,8 +302,8 @@ def machine_info() -> dict:
 
 
 def cmd_info(args) -> int:
-    from .generation import context_length
-    from .models import cache_root
+    from .core.generation import context_length
+    from .core.models import cache_root
 
     info = machine_info()
     info["cache"] = str(cache_root())
@@ -334,8 +334,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .chat import encode_prompt
-    from .generation import generate
+    from .core.chat import encode_prompt
+    from .core.generation import generate
 
     model, tokenizer = _load(args)
     dtype = str(model.dtype).replace("torch.", "")
@@ -425,7 +425,7 @@ def cmd_draft_train(args) -> int:
 
 
 def cmd_draft_calibrate(args) -> int:
-    from .models import load_target
+    from .core.models import load_target
     from .speculative.sizing import ACCEPTANCE_FILE, calibrate_draft
     from .speculative.tree import TreeConfig
 
@@ -446,7 +446,7 @@ def cmd_draft(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    from .bench.spec import METHODS
+    from .bench.specbench import METHODS
 
     b = sub.add_parser("bench", help="benchmarks")
     kinds = b.add_subparsers(dest="bench_command", required=True)
@@ -474,7 +474,7 @@ def _add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .bench.spec import SpecBenchConfig, run_spec_bench
+    from .bench.specbench import SpecBenchConfig, run_spec_bench
 
     drafts = {}
     for d in args.draft:

@@ -1,5 +1,5 @@
 """Benchmarks users can trust: every method measured in one process on the same inputs."""
 
-from .spec import METHODS, SpecBenchConfig, run_spec_bench
+from .specbench import METHODS, SpecBenchConfig, run_spec_bench
 
 __all__ = ["METHODS", "SpecBenchConfig", "run_spec_bench"]

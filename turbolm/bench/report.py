@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 #: methods that verify nothing: their accepted-length histogram is all ones
@@ -52,21 +53,19 @@ def _group(rows: list[dict], vanilla: dict, greedy: bool) -> dict:
     return out
 
 
-def summarise(records: list[dict], methods: list[str], greedy: bool) -> dict:
+def summarise(records: list[dict], methods: list[str], greedy: bool, ours: Sequence[str] = ()) -> dict:
     """Per method: per category and overall speedup, tau, tokens/s, totals, differing outputs.
 
     Speedup (Spec-Bench): the mean over questions of the per-question tokens/s ratio method /
     vanilla. tau: tokens per target forward after the prefill, over all steps of the group.
     """
-    from .spec import OURS
-
     vanilla = {r["question_id"]: r for r in records if r["method"] == "vanilla"}
     categories = list(dict.fromkeys(r["category"] for r in records))
     per_method = {}
     for m in methods:
         rows = [r for r in records if r["method"] == m]
         per_method[m] = {
-            "ours": m in OURS,
+            "ours": m in ours,
             "overall": _group(rows, vanilla, greedy),
             "categories": {c: _group([r for r in rows if r["category"] == c], vanilla, greedy) for c in categories},
         }

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 DEFAULT_PPL_CONTEXT = 2048  # default --context-length for perplexity (capped by the model's context)
 
@@ -75,7 +75,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def load_base(args):
     """The target model and tokenizer named by ``--model`` / ``--dtype`` / ``--device``."""
-    from ..models import load_target
+    from ..core.models import load_target
 
     return load_target(args.model, dtype=args.dtype, device=args.device)
 
@@ -84,7 +84,7 @@ def _dense_reference(args, model, tokenizer):
     """The dense next-token distributions on the held-out calibration chunks (for the KL of a pruned
     model to the dense one), or None without calibration data."""
     from ..pruning.calibration import DenseReference
-    from ..pruning.variants import calibration_chunks
+    from ..pruning.factory import calibration_chunks
 
     try:
         chunks = calibration_chunks(tokenizer, args.calibration_data)
@@ -104,7 +104,7 @@ def build_model(args, model, tokenizer):
     from .harness import hf_logits_fn
 
     if getattr(args, "pruner", None) or getattr(args, "baseline", None):
-        from ..pruning.variants import build_variant
+        from ..pruning.factory import build_variant
 
         variant = build_variant(model, tokenizer, pruner=args.pruner, router=args.router, baseline=args.baseline,
                                 sparsity=args.sparsity, schedule=args.schedule, calibration_data=args.calibration_data)
@@ -200,7 +200,7 @@ def markdown_table(report: dict) -> str:
 
 def run_eval(args, progress: bool = True) -> dict:
     """Load the tasks and the model, score everything, return the report (also written to ``--out``)."""
-    from ..generation import context_length
+    from ..core.generation import context_length
     from .harness import Scorer, evaluate
 
     tasks = select_tasks(args)

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 from .tasks import ChoiceItem, ContinuationItem, Document, Task
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]

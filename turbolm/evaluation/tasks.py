@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 TARGET_DELIMITER = " "  # lm-eval's target_delimiter: between a context and every continuation

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 from .skipping import cache_of, decoder_layers
 
 BLOCK_KINDS = ("attention", "mlp")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TurboLMError
-from ..generation import forward, new_cache, synchronize
+from ..core.errors import TurboLMError
+from ..core.generation import forward, new_cache, synchronize
 
 DEFAULT_TEXT = Path("../shared/data/language_modeling/wikitext-2-raw/wiki.test.raw")
 _BUILTIN = (

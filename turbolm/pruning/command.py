@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 STEPS_HELP = """FTP token-wise pruning, in four steps:
   search    genetic search of the per-block sparsity schedule (mean = --sparsity) with the static router,
@@ -124,7 +124,7 @@ def register(sub) -> None:
 
 
 def _load(args):
-    from ..models import load_target
+    from ..core.models import load_target
 
     return load_target(args.model, dtype=args.dtype, device=args.device)
 
@@ -150,7 +150,7 @@ def build_pruner(args, model):
 
 
 def _search_config(args):
-    from .scheduler import SearchConfig
+    from .genetic import SearchConfig
 
     return SearchConfig(population=args.population, generations=args.generations, mutation=args.mutation,
                         max_sparsity=args.max_block_sparsity, seed=args.seed)
@@ -190,7 +190,7 @@ def cmd_train(args) -> int:
     from .checkpoint import pruner_config, save_pruner
     from .factors import FACTOR_NAMES
     from .router import StaticRouter
-    from .scheduler import uniform_schedule
+    from .genetic import uniform_schedule
     from .search import read_schedule, run_search
     from .skipping import TokenPruner, decoder_layers
     from .train import RouterTrainConfig, train_router
@@ -245,8 +245,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ..chat import encode_prompt
-    from ..generation import generate
+    from ..core.chat import encode_prompt
+    from ..core.generation import generate
 
     model, tokenizer = _load(args)
     pruner = build_pruner(args, model)
@@ -266,7 +266,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..bench.machine import describe_machine
+    from ..core.machine import describe_machine
+    from ..core.models import describe_model
     from .bench import prefill_benchmark, prompt_ids
 
     model, tokenizer = _load(args)
@@ -282,7 +283,7 @@ def cmd_bench(args) -> int:
                   f"speed-up {row['speedup']:.2f}x, token sparsity {row['token_sparsity']:.1%}", flush=True)
     if args.json:
         for r in rows:
-            r["machine"] = describe_machine(model)
+            r["machine"] = {**describe_machine(), **describe_model(model)}
             r["pruner"] = args.pruner or f"{args.router} router"
         print(json.dumps(rows[0] if len(rows) == 1 else rows))
     return 0

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chat import encode_chat
-from ..errors import TurboLMError
-from ..speculative.draft.data import SkipRow, read_rows, row_messages
+from ..core.chat import encode_chat
+from ..core.errors import TurboLMError
+from ..core.rows import SkipRow, read_rows, row_messages
 
 
 @dataclass

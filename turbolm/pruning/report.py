@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 TASK_METRIC = {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "winogrande": "acc",
                "boolq": "acc", "hellaswag": "acc_norm", "mmlu": "acc"}

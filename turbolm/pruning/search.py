@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpointing import write_json
-from ..errors import TurboLMError
+from ..core.io import write_json
+from ..core.errors import TurboLMError
 from .calibration import DenseReference
-from .scheduler import SearchConfig, SearchResult, search_schedule
+from .genetic import SearchConfig, SearchResult, search_schedule
 from .skipping import TokenPruner, decoder_layers
 
 
@@ -54,7 +54,7 @@ def influence_schedule(model, chunks, target: float, max_sparsity: float = 0.9) 
     mean cosine between a block's input and output), so blocks that change their tokens most are
     pruned least; projected onto the mean ``target``."""
     from .baselines import block_influence
-    from .scheduler import project_to_mean
+    from .genetic import project_to_mean
 
     bi = block_influence(model, chunks)
     weights = [max(1e-3, 1.0 - b) for b in bi]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpointing import atomic_write, load_training_state, save_training_state
-from ..errors import TurboLMError
+from ..core.io import atomic_write, load_training_state, save_training_state
+from ..core.errors import TurboLMError
 from .calibration import default_score_last
 from .factors import FACTOR_NAMES
 from .router import LearnedRouter

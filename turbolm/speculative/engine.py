@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..generation import (
+from ..core.generation import (
     FeatureCapture,
     GenerationResult,
     OutputTracker,

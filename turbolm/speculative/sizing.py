@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TurboLMError
-from ..generation import synchronize
+from ..core.errors import TurboLMError
+from ..core.generation import synchronize
 from .tree import Tree, TreeConfig
 
 GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -128,7 +128,7 @@ class AcceptanceTable:
                 if int(n) >= int(d)]
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..checkpointing import atomic_write
+        from ..core.io import atomic_write
 
         atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(asdict(self), indent=None)))
 
@@ -146,7 +146,7 @@ def record_acceptance(generator, tokenizer, prompts=CALIBRATION_PROMPTS, max_new
     becomes an :class:`AcceptanceTable`. ``generator`` is a SpeculativeGenerator."""
     from tqdm.auto import tqdm
 
-    from ..chat import encode_prompt
+    from ..core.chat import encode_prompt
 
     steps: list = []
     saved_tree, saved_hook = generator.proposer.tree, generator.on_step
@@ -182,7 +182,7 @@ def time_verification(target, sizes=(1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33
     """Seconds for the target to verify ``n`` tree tokens after a ``prefix``-token KV cache,
     with the engine's own mask and positions (a chain of ``n`` tokens; the cost does not
     depend on the tree's shape). Median of ``repeats`` after a warm-up."""
-    from ..generation import forward
+    from ..core.generation import forward
     from .cache import new_tree_cache, truncate
     from .tree import tree_attention_mask, tree_position_ids
 
@@ -215,8 +215,8 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
     over the prompt (a depth-0 proposal), plus one small catch-up forward (what a step
     feeds the draft after acceptance). Depths between ``measured_depths`` are interpolated
     (a level costs about the same as the one before)."""
-    from ..chat import encode_prompt
-    from ..generation import FeatureCapture, forward
+    from ..core.chat import encode_prompt
+    from ..core.generation import FeatureCapture, forward
     from .cache import new_tree_cache
 
     device = target.device
@@ -308,13 +308,13 @@ def choose_tree(acceptance: AcceptanceTable, verify_s: dict[int, float], draft_s
 
 
 def _machine_key(target, proposer, extra: str) -> str:
-    from ..bench.machine import cpu_model
-    from ..models import model_identity
+    from ..core.machine import cpu_model
+    from ..core.models import model_identity
 
     cpu = cpu_model()
     device = target.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    from ..fastpath import is_optimized
+    from ..core.kernels import is_optimized
 
     parts = [cpu, gpu, str(torch.get_num_threads()), torch.__version__, str(target.dtype), str(device), str(is_optimized(target)),
              model_identity(target)["embedding_sha256"], proposer.name, extra]
@@ -327,7 +327,7 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
     return the choice. ``acceptance``: the draft's stored statistics (None: calibrate and
     cache). Timings are cached under the turbolm cache directory, keyed by machine, threads,
     torch version, dtype, device, target weights, proposer and ``draft_id``."""
-    from ..models import cache_root
+    from ..core.models import cache_root
 
     log = log or (lambda msg: None)
     target, proposer = generator.target, generator.proposer

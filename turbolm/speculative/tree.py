@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...checkpointing import atomic_write
-from ...errors import TurboLMError
-from ...fastpath import linear as fast_linear
-from ...models import identity_mismatch, model_identity
+from ...core.io import atomic_write
+from ...core.errors import TurboLMError
+from ...core.kernels import linear as fast_linear
+from ...core.models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
 CANDIDATE_MODES = ("mixture", "decoupled")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...errors import TurboLMError
-from ...checkpointing import load_training_state, save_training_state
+from ...core.errors import TurboLMError
+from ...core.io import load_training_state, save_training_state
 from .model import DraftConfig, DraftModel, KVCache
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
 
 def _target_pieces(cfg: TrainConfig, meta: dict):
     """The frozen target modules the draft needs: embedding and lm_head (and identity check)."""
-    from ...models import identity_mismatch, load_target
+    from ...core.models import identity_mismatch, load_target
 
     model, _ = load_target(cfg.target)
     diff = identity_mismatch(meta["target"], model)

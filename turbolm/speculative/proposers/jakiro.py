@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import TurboLMError
+from ...core.errors import TurboLMError
 from ..draft.model import DraftModel, KVCache
 from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention
 from .base import Proposer
@@ -35,7 +35,7 @@ class JakiroProposer(Proposer):
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings().weight
         self.hybrid = hybrid and draft.config.has_contrastive
-        from ...fastpath import is_optimized, optimize_for_small_batches
+        from ...core.kernels import is_optimized, optimize_for_small_batches
 
         if is_optimized(target):  # the draft's own layers run on few rows too
             optimize_for_small_batches(draft)
@@ -43,7 +43,7 @@ class JakiroProposer(Proposer):
         self.pending: list[torch.Tensor] = []
 
     def check_compatible(self, target, tokenizer) -> None:
-        from ...models import identity_mismatch
+        from ...core.models import identity_mismatch
 
         diff = identity_mismatch(self.draft.config.target, target)
         if diff:

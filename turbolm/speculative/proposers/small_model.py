@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import TurboLMError
-from ...generation import forward
+from ...core.errors import TurboLMError
+from ...core.generation import forward
 from ..cache import new_tree_cache, truncate
 from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention, model_attention_mask
 from .base import Proposer

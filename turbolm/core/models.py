@@ -337,3 +337,20 @@ def identity_mismatch(want: dict, model) -> str | None:
         return None
     return (f"embedding weights differ (sha {want.get('embedding_sha256')} vs {have['embedding_sha256']}): "
             "another checkpoint of the same architecture")
+
+
+def describe_model(model) -> dict:
+    """The model's name, dtype and device, and whether the fast CPU kernels are on (with
+    ``machine.describe_machine()``: what a speed number was measured on)."""
+    from .kernels import is_optimized
+
+    source = getattr(model, "turbolm_source", None)
+    info = {
+        "model": str(source.name) if source is not None else type(model).__name__,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+        "fast_cpu": is_optimized(model),
+    }
+    if model.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(model.device)
+    return info

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpointing import write_json
-from ..errors import TurboLMError
-from ..models import cache_root, model_identity
+from ..core.io import write_json
+from ..core.errors import TurboLMError
+from ..core.models import cache_root, model_identity
 
 BASELINES = ("static", "random", "shortgpt", "blockpruner")
 DEFAULT_CALIBRATION = Path("../shared/data/alpaca/alpaca_5000.json")

@@ -7,16 +7,23 @@ import platform
 import time
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in /proc/cpuinfo (Linux: ``model name``, ``vendor_id``,
+    ``flags``), or "" where the file or the field is missing."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:
@@ -53,15 +60,15 @@ def other_cpus_busy(start: tuple[float, float, float] | None, end: tuple[float, 
     return round(max((end[1] - start[1]) - (end[2] - start[2]), 0.0) / (end[0] - start[0]), 2)
 
 
-def describe_machine(model=None) -> dict:
-    """CPU, GPU, threads, library versions; with ``model``, its name, dtype and device."""
+def describe_machine() -> dict:
+    """CPU, GPU, threads and library versions: what a speed number needs beside it
+    (``models.describe_model`` adds the model's side)."""
     import torch
     import transformers
 
     from .. import __version__
-    from ..fastpath import is_optimized
 
-    info = {
+    return {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -72,14 +79,3 @@ def describe_machine(model=None) -> dict:
         "turbolm": __version__,
         "platform": platform.platform(),
     }
-    if model is not None:
-        source = getattr(model, "turbolm_source", None)
-        info.update(
-            model=str(source.name) if source is not None else type(model).__name__,
-            dtype=str(model.dtype).replace("torch.", ""),
-            device=str(model.device),
-            fast_cpu=is_optimized(model),
-        )
-        if model.device.type == "cuda":
-            info["gpu"] = torch.cuda.get_device_name(model.device)
-    return info

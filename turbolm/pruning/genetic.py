@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..errors import TurboLMError
+from ..core.errors import TurboLMError
 
 Schedule = list[float]
 Fitness = Callable[[Schedule], float]

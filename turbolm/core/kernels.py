@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .machine import cpuinfo_field
+
 # oneDNN wins from 2 rows on and was not slower up to 1024; the cap keeps prefills on the
 # default kernel, where the gain is small and a long prompt's cost is paid once.
 MAX_ROWS = 128
@@ -58,14 +60,7 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_vendor() -> str:
     """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...), or "" if unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id")
 
 
 def helps_here() -> bool:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..chat import run_turns
-from ..errors import TurboLMError
-from ..generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate, synchronize
-from .machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
+from ..core.chat import run_turns
+from ..core.errors import TurboLMError
+from ..core.generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate, synchronize
+from ..core.machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
+from ..core.models import describe_model
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SpecBenchConfig:
     depth: int | None = None
     top_k: int | None = None
     warmup: int = 1
-    fast_cpu: str = "auto"  # see turbolm.fastpath.apply_for_cli; every method shares the model, so vanilla too
+    fast_cpu: str = "auto"  # see turbolm.core.kernels.apply_for_cli; every method shares the model, so vanilla too
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> dict | None:
 
 def _warm_up(methods: list[Method], tokenizer, questions: list[Question], n: int, max_new_tokens: int,
              sampling: SamplingParams) -> None:
-    from ..chat import encode_chat
+    from ..core.chat import encode_chat
 
     for q in questions[:n]:
         ids = encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}])
@@ -420,9 +421,9 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     selected = select_questions(questions, config.categories, config.limit, config.per_category)
 
     if target is None:
-        from ..models import load_target
+        from ..core.models import load_target
 
-        from ..fastpath import apply_for_cli
+        from ..core.kernels import apply_for_cli
 
         target = load_target(config.model, dtype=config.dtype, device=config.device)
         apply_for_cli(target[0], config.fast_cpu)
@@ -459,9 +460,9 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     finally:
         bar.close()
 
-    report = summarise(records, methods, greedy=sampling.greedy)
+    report = summarise(records, methods, greedy=sampling.greedy, ours=OURS)
     report.update(
-        machine={**describe_machine(model), "load_average_start": load_at_start, "load_average_end": load_average(),
+        machine={**describe_machine(), **describe_model(model), "load_average_start": load_at_start, "load_average_end": load_average(),
                  "other_cpus_busy": other_cpus_busy(cpu_at_start, cpu_snapshot())},
         config={**asdict(config), "methods": methods, "drafts": drafts,
                 "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
