@@ -15,7 +15,10 @@ the fast path gains nothing). There, two kernels do better, measured by
 
 :func:`optimize_for_small_batches` switches every ``nn.Linear`` of a model to
 :class:`FastLinear` in place, by swapping the instance's class (same parameters,
-state_dict keys, hooks and repr); no modeling code is touched. Results equal
+state_dict keys, hooks and repr); no modeling code is touched. The swap is a
+:class:`~.patches.ModelPatch` (:class:`FastLinearPatch`) registered on the model, so
+:func:`restore` puts back exactly the classes it replaced, and it combines with the token
+pruner and the layer dropper, in any order. Results equal
 ``F.linear``'s up to float32 rounding (another summation order, ~1e-7 relative), the same
 kind of difference ``F.linear`` itself has between a 1-row and an n-row product.
 
@@ -40,7 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .errors import ParameterError
 from .machine import cpuinfo_field
+from .patches import ModelPatch, active, find
 
 # oneDNN wins from 2 rows on and was not slower up to 1024; the cap keeps prefills on the
 # default kernel, where the gain is small and a long prompt's cost is paid once.
@@ -57,7 +62,7 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...), or "" if unknown."""
     return cpuinfo_field("vendor_id")
@@ -147,12 +152,46 @@ class FastLinear(nn.Linear):
         return _fast_linear(x, self.weight, self.bias, rows)
 
 
+class FastLinearPatch(ModelPatch):
+    """The class swap behind :func:`optimize_for_small_batches`: every plain ``nn.Linear`` of
+    the model becomes a :class:`FastLinear` with its own ``fast_max_rows``."""
+
+    patches = frozenset({"linear_class"})
+
+    def __init__(self, model: nn.Module, max_rows: int = MAX_ROWS):
+        super().__init__(model)
+        self.max_rows = max_rows
+        self.linears: list[nn.Linear] = []
+
+    def _patch(self) -> None:
+        for module in self.model.modules():
+            if type(module) is nn.Linear:
+                self.replace(module, "__class__", FastLinear)
+                self.replace(module, "fast_max_rows", self.max_rows)
+                self.linears.append(module)
+
+    def update(self, max_rows: int) -> None:
+        """A new ``max_rows`` for every layer, and the swap for plain ``nn.Linear`` added since."""
+        self.max_rows = max_rows
+        for module in self.linears:
+            self.replace(module, "fast_max_rows", max_rows)
+        self._patch()
+
+    def detach(self) -> None:
+        linears = self.linears if self.attached else []
+        super().detach()
+        for module in linears:
+            _DERIVED.pop(module.weight, None)
+        self.linears = []
+
+
 def optimize_for_small_batches(model: nn.Module, max_rows: int = MAX_ROWS, force: bool = False) -> nn.Module:
     """Switch every plain ``nn.Linear`` in ``model`` to :class:`FastLinear`, in place; return it.
 
     Only where :func:`helps_here` (else the model is returned unchanged), unless ``force``.
 
-    Idempotent (a second call only updates ``max_rows``) and undone by :func:`restore`.
+    Idempotent (a second call updates ``max_rows`` and swaps any ``nn.Linear`` added since)
+    and undone by :func:`restore`.
     Parameters, state_dict keys, tied weights and devices are unchanged; subclasses of
     ``nn.Linear`` (LoRA, quantised layers) keep their own forward. Weights are converted on a
     layer's first fast call, so this call is instant and a GPU model costs no extra memory.
@@ -162,20 +201,21 @@ def optimize_for_small_batches(model: nn.Module, max_rows: int = MAX_ROWS, force
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if not available() or not (force or helps_here()):
         return model
-    for module in model.modules():
-        if type(module) in (nn.Linear, FastLinear):
-            module.__class__ = FastLinear
-            module.fast_max_rows = max_rows
+    patch = find(model, FastLinearPatch)
+    if patch is None:
+        FastLinearPatch(model, max_rows).attach()
+    else:
+        patch.update(max_rows)
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize_for_small_batches`: plain ``nn.Linear`` again, derived copies freed."""
-    for module in model.modules():
-        if type(module) is FastLinear:
-            module.__class__ = nn.Linear
-            module.__dict__.pop("fast_max_rows", None)
-            _DERIVED.pop(module.weight, None)
+    """Undo :func:`optimize_for_small_batches` on ``model`` and on any of its submodules: plain
+    ``nn.Linear`` again, derived copies freed."""
+    for module in list(model.modules()):
+        for patch in active(module):
+            if isinstance(patch, FastLinearPatch):
+                patch.detach()
     return model
 
 
@@ -184,11 +224,11 @@ def is_optimized(model: nn.Module) -> bool:
     return any(type(m) is FastLinear for m in model.modules())
 
 
-def apply_for_cli(model: nn.Module, mode: str = "auto") -> bool:
-    """The command-line choice ``--fast-cpu auto|off``: ``auto`` switches a CPU float32 model
-    to the fast path where :func:`helps_here`; returns whether it is on."""
+def apply_fast_cpu(model: nn.Module, mode: str = "auto") -> bool:
+    """``fast_cpu="auto"`` switches a CPU float32 model to the fast path where :func:`helps_here`;
+    ``"off"`` leaves it as it is. Returns whether the fast path is on."""
     if mode not in ("auto", "off"):
-        raise ValueError(f"--fast-cpu must be auto or off, got {mode!r}")
+        raise ParameterError(f"{{}} must be auto or off, got {mode!r}", "fast_cpu")
     p = next(model.parameters(), None)
     if mode == "off" or p is None or p.device.type != "cpu" or p.dtype != torch.float32:
         return False

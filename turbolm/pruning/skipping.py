@@ -22,6 +22,9 @@ hidden state (residual pass-through). So a block costs what its kept tokens cost
 Supported: Llama-family layouts (``model.model.layers[i].self_attn.{q,k}_proj``, rotary
 ``model.model.rotary_emb``): Llama, Qwen2, Mistral (sliding windows longer than the prompt),
 with the ``sdpa`` or ``eager`` attention implementation. Decoding with a cache needs batch 1.
+
+The pruner is a :class:`~turbolm.core.patches.ModelPatch`: detaching puts back exactly the
+forwards it wrapped, and it refuses to attach next to another patch of the decoder layers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import TurboLMError
+from ..core.patches import ModelPatch
 from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -107,17 +111,24 @@ class _Forward:
     decode: bool
 
 
-class TokenPruner:
-    """Attach token skipping to ``model`` (in place; :meth:`detach` restores it).
+class TokenPruner(ModelPatch):
+    """Attach token skipping to ``model`` (in place; :meth:`detach` restores it exactly).
 
     ``router``: a router from :mod:`.router`; ``schedule``: per-block sparsity (one per layer).
     Use it as a context manager, or call attach()/detach(). ``with pruner.disabled():`` runs
     the dense model (e.g. the teacher during router training).
+
+    A :class:`~turbolm.core.patches.ModelPatch`: it wraps every decoder layer's ``forward``
+    (whatever was there, e.g. an accelerate hook, is what the wrapper calls and what detaching
+    puts back) and hooks ``q_proj``/``k_proj``. So it cannot be attached together with a
+    :class:`.baselines.LayerDropper` or a second pruner, and combines with the fast linear kernels.
     """
+
+    patches = frozenset({"decoder_layers"})
 
     def __init__(self, model, router, schedule, *, dense_kv: bool = False, attention_queries: int = 8,
                  train_records: bool = False, track_attention: bool | None = None):
-        self.model = model
+        super().__init__(model)
         self.layers = decoder_layers(model)
         if len(schedule) != len(self.layers):
             raise TurboLMError(f"the sparsity schedule has {len(schedule)} blocks but the model has "
@@ -144,44 +155,15 @@ class TokenPruner:
         self._sequences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._forward: _Forward | None = None
         self._captured: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-        self._attached = False
 
     # -- attaching ---------------------------------------------------------------------------
-    def attach(self) -> "TokenPruner":
-        if self._attached:
-            return self
-        if getattr(self.model, "turbolm_pruner", None) is not None:
-            raise TurboLMError("this model already has a token pruner attached; detach it first")
-        if getattr(self.model, "turbolm_dropper", None) is not None:
-            raise TurboLMError("this model has layers dropped by a LayerDropper; detach it first")
+    def _patch(self) -> None:
         for idx, layer in enumerate(self.layers):
-            orig = layer.forward
-            layer.forward = self._make_forward(idx, orig)
+            self.replace(layer, "forward", self._make_forward(idx, layer.forward))
             for name in ("q_proj", "k_proj"):
-                mod = getattr(layer.self_attn, name)
-                self._handles.append(mod.register_forward_hook(self._capture(name)))
-        self.model.turbolm_pruner = self
-        self._attached = True
-        return self
-
-    def detach(self) -> None:
-        if not self._attached:
-            return
-        for layer in self.layers:
-            if "forward" in layer.__dict__:
-                del layer.forward
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.model.turbolm_pruner = None
-        self._attached = False
-
-    def __enter__(self):
-        return self.attach()
-
-    def __exit__(self, *exc):
-        self.detach()
+                self.add_forward_hook(getattr(layer.self_attn, name), self._capture(name))
+        # Kept for readers that predate the patch registry (patches.find(model, TokenPruner)).
+        self.replace(self.model, "turbolm_pruner", self)
 
     @contextlib.contextmanager
     def disabled(self):
@@ -226,7 +208,7 @@ class TokenPruner:
         if pe is None or given is None or given.shape[-1] != T or not torch.equal(given.expand(B, T), positions):
             # The model derives positions from layer 0's cache length, which skipping makes
             # shorter than the sequence: recompute the rotary tables for the true positions.
-            rotary = getattr(getattr(self.model, "model", self.model), "rotary_emb")
+            rotary = getattr(self.model, "model", self.model).rotary_emb
             pe = rotary(hidden, positions)
         cos, sin = pe
         cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
