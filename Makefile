@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.turbolm-installed
 TORCH_INDEX ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/turbolm demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check turbolm tests benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

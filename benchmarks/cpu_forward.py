@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbolm import load_target
+from turbolm.core.generation import forward, new_cache
 from turbolm.core.kernels import linear as fast_linear
 from turbolm.core.kernels import optimize_for_small_batches
-from turbolm.core.generation import forward, new_cache
 from turbolm.speculative.cache import truncate
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -87,7 +87,7 @@ def time_forwards(options: dict, prompt: torch.Tensor, rows, repeats: int, threa
     """{option: {n: median ms}} and {option: (max |dlogit| vs baseline, argmax all equal)}."""
     caches = {}
     with torch.inference_mode():
-        for name, (model, _) in options.items():
+        for model, _ in options.values():
             if id(model) not in caches:
                 cache = new_cache(model)
                 forward(model, prompt, cache)

@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import make_model_dir  # noqa: E402  (the test suite's tiny random models)
-
 from turbolm import SamplingParams, encode_prompt, generate, load_target  # noqa: E402
 from turbolm.speculative import SpeculativeGenerator, TreeConfig  # noqa: E402
 from turbolm.speculative.draft.model import DraftConfig, DraftModel, load_draft  # noqa: E402

@@ -85,9 +85,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int, batch_size: int,
 
 
 def run_turbolm(model, tokenizer, tasks: list[str], limit: int, batch_size: int, data_dir: Path) -> dict:
+    from turbolm.core.generation import context_length
     from turbolm.evaluation.harness import Scorer, evaluate_task, hf_logits_fn
     from turbolm.evaluation.tasks import load_task
-    from turbolm.core.generation import context_length
 
     scorer = Scorer(hf_logits_fn(model), tokenizer, max_length=context_length(model, tokenizer) or 2048,
                     batch_size=batch_size)

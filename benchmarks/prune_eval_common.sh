@@ -12,7 +12,7 @@ STEPS=${STEPS:-100}
 TASKS=${TASKS:-piqa,arc_easy,arc_challenge,winogrande,boolq,hellaswag,wikitext}
 CKPT=${CKPT:-turbolm/checkpoints/ftp-smollm2-135m-s}
 # WikiText-2: 512-token windows scored on their last 256 tokens (pruning serves the predictions after
-# the context; see the README), the same for every method.
+# the context; see docs/results.md), the same for every method.
 # EVAL_ARGS: more `turbolm eval` arguments for every run, e.g. "--device cuda --batch-size 64".
 COMMON=(--tasks "$TASKS" --context-length 512 --stride 256 --json)
 [ "$LIMIT" = all ] || COMMON+=(--limit "$LIMIT")

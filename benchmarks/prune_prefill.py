@@ -20,13 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from turbolm.core.machine import describe_machine  # noqa: E402
-from turbolm.core.models import describe_model  # noqa: E402
-from turbolm.core.models import load_target  # noqa: E402
+from turbolm.core.models import (
+    describe_model,  # noqa: E402
+    load_target,  # noqa: E402
+)
 from turbolm.pruning import StaticRouter, TokenPruner  # noqa: E402
 from turbolm.pruning.bench import prefill_benchmark, prompt_ids  # noqa: E402
 from turbolm.pruning.checkpoint import SHIPPED, load_pruner  # noqa: E402
 from turbolm.pruning.skipping import decoder_layers  # noqa: E402
-
 
 DECODE_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",

@@ -17,8 +17,8 @@ import torch
 from turbolm import load_target
 from turbolm.pruning.calibration import DenseReference
 from turbolm.pruning.checkpoint import read_pruner_config, shipped_pruner
-from turbolm.pruning.skipping import TokenPruner
 from turbolm.pruning.factory import calibration_chunks
+from turbolm.pruning.skipping import TokenPruner
 
 # factors[..., i]: 0 position (0 = first token, 1 = newest), 1 attention received, 2 rank, 3 sparsity
 RULES = {

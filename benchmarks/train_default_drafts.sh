@@ -3,14 +3,14 @@
 # answers to the first 2,560 Alpaca instructions (--regenerate), the final-norm features are
 # stored, a Jakiro and an EAGLE-2 draft are trained on the same features with the same budget
 # (2 epochs), and their acceptance statistics are measured for --tree auto. This is the
-# regenerated-data experiment of the README (same Spec-Bench tau as the shipped drafts, which
+# regenerated-data experiment in docs/speculative.md (same Spec-Bench tau as the shipped drafts, which
 # come from the dataset's own answers: the "Training pipeline" commands there).
 # Resumable: rerun the same command after an interruption. fp16 copies land in
 # $WORK/ship/{jakiro,eagle2}.
 #
 # The regeneration is the expensive part on a CPU (batched greedy generation of ~2,560 answers
 # of up to 256 tokens: hours on 2 cores); on a GPU it takes minutes (an H200 answered all
-# 5,000 instructions in 2 min 19 s). The README's numbers were made that way: answers
+# 5,000 instructions in 2 min 19 s). The numbers in docs/speculative.md were made that way: answers
 # regenerated on an H200, token ids exported (turbolm.speculative.draft.data.export_tokens),
 # features (`turbolm draft prepare --from-tokens`, 23 min) and training on the 2-core CPU.
 #

@@ -11,6 +11,7 @@ from turbolm.bench import METHODS, SpecBenchConfig, run_spec_bench
 from turbolm.bench import specbench as bench_spec
 from turbolm.cli import main
 from turbolm.speculative.draft.model import DraftConfig, DraftModel
+from turbolm.speculative.sizing import SizingGrid
 
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it about the sky."]},
@@ -38,6 +39,10 @@ def drafts(tiny, tmp_path_factory):
         out[arch] = str(tmp_path_factory.mktemp(arch))
         DraftModel(DraftConfig.for_target(target, arch=arch)).save(out[arch])
     return out
+
+
+SMALL_GRID = SizingGrid(total_tokens=(1, 2, 4, 8), depths=(1, 2, 3), top_ks=(1, 2), verify_sizes=(1, 3, 5, 9),
+                        prompts=("Hello world",), max_new_tokens=8)
 
 
 def config(questions, out, **kw) -> SpecBenchConfig:
@@ -227,10 +232,10 @@ def test_sampling_runs_without_the_identity_check(tiny, questions, tmp_path):
         ({"questions": "/nonexistent/question.jsonl"}, "questions file not found"),
         ({"methods": ["vanilla", "medusa"]}, "unknown method medusa"),
         ({"categories": ["qa", "poetry"]}, "unknown category poetry; the questions file has: writing, qa"),
-        ({"methods": ["vanilla"], "drafts": {"jakiro": "/x"}}, "jakiro is not in --methods"),
+        ({"methods": ["vanilla"], "drafts": {"jakiro": "/x"}}, "jakiro is not in methods"),
         ({"methods": ["prompt-lookup"], "drafts": {"medusa": "/x"}}, "drafts are for eagle2 / jakiro only"),
         ({"methods": ["eagle2"]}, "trained for a different target"),  # the shipped draft is for SmolLM2
-        ({"max_new_tokens": 0}, "max-new-tokens must be >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ],
 )
 def test_errors_are_clear(tiny, questions, tmp_path, kw, message):
@@ -245,7 +250,7 @@ def test_draft_for_another_target(tiny, tiny_dirs, questions, tmp_path):
 
     other, _ = load_target(tiny_dirs["qwen2"])
     DraftModel(DraftConfig.for_target(other, arch="jakiro")).save(tmp_path / "qwen_draft")
-    with pytest.raises(TurboLMError, match="jakiro: the draft in .* was trained for a different target .*--draft jakiro=DIR"):
+    with pytest.raises(TurboLMError, match="jakiro: the draft in .* was trained for a different target .*drafts jakiro=DIR"):
         run_spec_bench(config(questions, tmp_path, methods=["jakiro"], drafts={"jakiro": str(tmp_path / "qwen_draft")}),
                        target=tiny)
 
@@ -283,7 +288,7 @@ def test_per_category_and_auto_tree(tiny, drafts, questions, tmp_path, monkeypat
     assert [q.category for q in picked] == list(dict.fromkeys(q.category for q in qs))
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     report = run_spec_bench(config(questions, tmp_path / "auto", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
-                                   per_category=1, tree="auto"), target=tiny)
+                                   per_category=1, tree="auto", grid=SMALL_GRID), target=tiny)
     assert report["questions_measured"] == len(picked)
     assert report["lossless"]["ok"] is True
     with pytest.raises(TurboLMError, match="give one or the other"):

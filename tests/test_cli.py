@@ -79,10 +79,11 @@ def test_generate_speculative_json(capsys, tiny_dir, method):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--speculative", "prompt-lookup", "--depth", "0"], "invalid tree setting depth=0"),
-        (["--speculative", "prompt-lookup", "--total-tokens", "-3"], "invalid tree setting total_tokens"),
+        (["--speculative", "prompt-lookup", "--depth", "0"], "--depth must be >= 1, got 0"),
+        (["--speculative", "prompt-lookup", "--total-tokens", "-3"], "--total-tokens must be >= 1, got -3"),
         (["--speculative", "model"], "needs --draft-model"),
-        (["--depth", "3"], "need --speculative"),
+        (["--depth", "3"], "need a --speculative other than none"),
+        (["--speculative", "model", "--draft", "x"], "--draft is for jakiro / eagle2; --speculative model takes --draft-model"),
         (["--draft-model", "x"], "only used with --speculative model"),
         (["--speculative", "model", "--draft-layers", "5"], "--draft-layers must be in"),
     ],
@@ -92,6 +93,7 @@ def test_speculative_errors(capsys, tiny_dir, args, message):
     assert rc == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # ~15 s: trains a draft
 def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data.json"
@@ -120,10 +122,11 @@ def test_draft_train_and_generate_with_jakiro(capsys, tiny_dir, tmp_path, monkey
     assert rc == 2 and "trained for a different target" in err  # the default model is not the tiny target
 
 
+@pytest.mark.slow  # ~15 s: --tree auto times the whole grid
 def test_demo_compares_with_vanilla(capsys, tiny_dir, tmp_path, monkeypatch):
     """The demo streams the speculative answers and ends with a vanilla-vs-speculative table."""
-    from turbolm.speculative.draft.model import DraftConfig, DraftModel
     from turbolm import load_target
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel
 
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     target, _ = load_target(tiny_dir)

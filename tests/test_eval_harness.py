@@ -325,16 +325,25 @@ def make_data_dir(root: Path) -> Path:
 
 
 def eval_args(argv):
-    from turbolm.evaluation.command import register
+    from turbolm.commands.eval import register
 
     parser = argparse.ArgumentParser(prog="turbolm")
     register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
 
 
-def test_eval_command_end_to_end(tmp_path, tiny_dir, capsys):
-    from turbolm.evaluation.command import cmd_eval
+def cmd_eval(args) -> int:
+    """``turbolm eval`` as the command line runs it, its errors in the command line's words."""
+    from turbolm.commands.common import error_message
+    from turbolm.commands.eval import run
 
+    try:
+        return run(args)
+    except TurboLMError as e:
+        raise TurboLMError(error_message(e, args.flags)) from None
+
+
+def test_eval_command_end_to_end(tmp_path, tiny_dir, capsys):
     data = make_data_dir(tmp_path / "data")
     extra = write_jsonl(tmp_path / "my_quiz.jsonl", [{"query": "Hello world! Numbers:", "choices": ["0 1 2", "x"],
                                                       "gold": 0}] * 6)
@@ -369,8 +378,6 @@ def test_eval_command_end_to_end(tmp_path, tiny_dir, capsys):
 
 
 def test_eval_command_errors(tmp_path, tiny_dir):
-    from turbolm.evaluation.command import cmd_eval
-
     with pytest.raises(TurboLMError, match="unknown task 'nope' in --tasks"):
         cmd_eval(eval_args(["--model", str(tiny_dir), "--tasks", "piqa,nope"]))
     with pytest.raises(TurboLMError, match=r"piqa: data file not found: .*piqa.jsonl"):

@@ -11,8 +11,8 @@ from torch import nn
 from conftest import make_model_dir
 from turbolm import encode_prompt, generate, load_target
 from turbolm.core import kernels as fastpath
-from turbolm.core.kernels import FastLinear, is_optimized, optimize_for_small_batches, restore
 from turbolm.core.generation import forward, new_cache
+from turbolm.core.kernels import FastLinear, is_optimized, optimize_for_small_batches, restore
 from turbolm.speculative import ModelProposer, PromptLookupProposer, SpeculativeGenerator, TreeConfig
 from turbolm.speculative.draft.model import DraftConfig, DraftModel
 from turbolm.speculative.proposers.jakiro import JakiroProposer

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from test_eval_harness import eval_args, make_data_dir
+from test_eval_harness import cmd_eval, eval_args, make_data_dir
 
 
 @pytest.fixture()
@@ -24,7 +23,7 @@ def alpaca(tmp_path):
                                  ["--baseline", "blockpruner", "--sparsity", "0.3"],
                                  "pruner"])
 def test_pruned_model_evaluation_end_to_end(tmp_path, tiny, tiny_dir, alpaca, monkeypatch, capsys, how):
-    from turbolm.evaluation.command import cmd_eval
+
     from turbolm.pruning import LearnedRouter
     from turbolm.pruning.checkpoint import pruner_config, save_pruner
 

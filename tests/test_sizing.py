@@ -109,21 +109,21 @@ def test_choice_follows_the_machine():
 
 
 def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
+    import turbolm.speculative.sizing as sizing
     from turbolm.speculative.draft.model import DraftConfig, DraftModel, load_draft
     from turbolm.speculative.proposers.jakiro import JakiroProposer
-    import turbolm.speculative.sizing as sizing
 
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sizing, "CALIBRATION_PROMPTS", ("Hello world", "The capital of France is"))
-    monkeypatch.setattr(sizing, "GRID_DEPTH", (1, 2, 3))
-    monkeypatch.setattr(sizing, "GRID_TOP_K", (1, 2, 4))
+    grid = sizing.SizingGrid(total_tokens=(1, 2, 4, 8), depths=(1, 2, 3), top_ks=(1, 2, 4), verify_sizes=(1, 3, 5, 9),
+                             prompts=("Hello world", "The capital of France is"), max_new_tokens=16)
     target, tok = tiny
     torch.manual_seed(0)
     DraftModel(DraftConfig.for_target(target)).save(tmp_path / "draft")
     gen = SpeculativeGenerator(target, tok, JakiroProposer(load_draft(tmp_path / "draft", target), target))
     lines = []
-    choice = auto_tree(gen, draft_id="d1", progress=False, log=lines.append)
+    choice = auto_tree(gen, draft_id="d1", progress=False, log=lines.append, grid=grid)
     assert gen.proposer.tree == choice.tree and choice.tree.depth <= 3 and choice.tree.top_k in (1, 2, 4)
+    assert choice.tree.total_tokens in grid.total_tokens
     assert any("timing" in line for line in lines)
     assert list((tmp_path / "cache" / "tree-sizing").glob("*.json"))
 
@@ -133,6 +133,6 @@ def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sizing, "time_verification", boom)
     monkeypatch.setattr(sizing, "record_acceptance", boom)
-    assert auto_tree(gen, draft_id="d1", progress=False).tree == choice.tree
+    assert auto_tree(gen, draft_id="d1", progress=False, grid=grid).tree == choice.tree
     ids = encode_prompt(tok, "Write a short poem about the sea")
     assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids

@@ -52,7 +52,7 @@ def check_same(model, qid, prompt, ref, got, method):
     gap = top2_gap(model, prompt + ref[:i])
     msg = f"{method} diverged from vanilla on question {qid} at token {i}; target top-2 logit gap there: {gap:.2e}"
     assert gap < NEAR_TIE, msg
-    warnings.warn(msg + " (a near-tie: accepted)")
+    warnings.warn(msg + " (a near-tie: accepted)", stacklevel=2)
 
 
 @pytest.mark.parametrize("method", ["prompt-lookup", "model"])

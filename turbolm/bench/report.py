@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.io import write_text
+
 #: methods that verify nothing: their accepted-length histogram is all ones
 NON_SPECULATIVE = ("vanilla", "hf-generate")
 
@@ -83,15 +85,9 @@ def summarise(records: list[dict], methods: list[str], greedy: bool, ours: Seque
 
 def write_report(report: dict, out: Path) -> None:
     out = Path(out)
-    _atomic_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     plots = plot_report(report, out) if report["questions_measured"] else []
-    _atomic_text(out / "report.md", markdown(report, plots))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(out / "report.md", markdown(report, plots))
 
 
 def _fmt(x, spec: str, suffix: str = "") -> str:

@@ -25,17 +25,18 @@ from pathlib import Path
 import torch
 
 from ..core.chat import run_turns
-from ..core.errors import TurboLMError
-from ..core.generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, generate, synchronize
+from ..core.errors import ParameterError, TurboLMError
+from ..core.generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, synchronize, tau_of
 from ..core.machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
 from ..core.models import describe_model
+from ..speculative.factory import DRAFT_METHODS, DecoderSpec, build_decoder
+from ..speculative.sizing import SizingGrid
 
 log = logging.getLogger(__name__)
 
 METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro")
 #: turbolm's own decoders: at temperature 0 their output must be vanilla's, token for token
 OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro")
-DRAFT_METHODS = ("eagle2", "jakiro")
 HF_PROMPT_LOOKUP_TOKENS = 10
 WARMUP_MAX_NEW_TOKENS = 64
 
@@ -64,7 +65,8 @@ class SpecBenchConfig:
     depth: int | None = None
     top_k: int | None = None
     warmup: int = 1
-    fast_cpu: str = "auto"  # see turbolm.core.kernels.apply_for_cli; every method shares the model, so vanilla too
+    fast_cpu: str = "auto"  # see turbolm.core.kernels.apply_fast_cpu; every method shares the model, so vanilla too
+    grid: SizingGrid | None = None  # what tree="auto" chooses among (None: the full grid)
 
 
 @dataclass(frozen=True)
@@ -217,72 +219,55 @@ def hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int, sampling:
     )
 
 
-def _vanilla(model, tokenizer) -> Decoder:
-    def decode(ids, max_new_tokens, sampling):
-        r = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling)
-        r.stats = {"method": "vanilla", "tokens_per_step_histogram": {"1": r.target_forwards - 1} if r.target_forwards > 1 else {}}
+def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
+    """The DecoderSpec of one of turbolm's own methods in this run: the one ``turbolm generate``
+    builds for the same draft and tree flags (prompt lookup keeps a fixed tree)."""
+    sizes = {"total_tokens": config.total_tokens, "depth": config.depth, "top_k": config.top_k}
+    if name == "vanilla":
+        return DecoderSpec("none")
+    if name == "prompt-lookup":
+        return DecoderSpec(name, tree="fixed", **sizes)
+    return DecoderSpec(name, draft=(config.drafts or {}).get(name), tree=config.tree, **sizes)
+
+
+def _ours(name: str, model, tokenizer, config: SpecBenchConfig) -> Method:
+    """One of turbolm's own methods, built by ``build_decoder``."""
+    try:
+        decoder = build_decoder(model, tokenizer, decoder_spec(name, config), log=lambda m: log.warning("%s", m),
+                                grid=config.grid)
+    except ParameterError:
+        raise
+    except TurboLMError as e:
+        if name not in DRAFT_METHODS:
+            raise
+        raise ParameterError(f"{name}: {e}; give a draft trained for this model with {{}} {name}=DIR, "
+                             f"or leave {name} out of {{}}", "drafts", "methods") from None
+    if decoder.tree_choice is not None:
+        log.warning("%s: %s", name, decoder.tree_choice.explain())
+
+    def decode(ids, n, sampling):
+        r = decoder.generate(ids, max_new_tokens=n, sampling=sampling)
+        if name == "vanilla":
+            r.stats = {"method": "vanilla",
+                       "tokens_per_step_histogram": {"1": r.target_forwards - 1} if r.target_forwards > 1 else {}}
         return r
 
-    return decode
+    return Method(name, decode, None if decoder.tree is None else vars(decoder.tree).copy())
 
 
-def _load_draft(name: str, path: str | None, model):
-    from ..speculative.draft.model import load_draft, shipped_draft
-
-    try:
-        return load_draft(path or shipped_draft(name), model)
-    except TurboLMError as e:
-        raise TurboLMError(f"{name}: {e}; give a draft trained for this model with --draft {name}=DIR, "
-                           f"or leave {name} out of --methods") from None
-
-
-def build_methods(names: Sequence[str], model, tokenizer, drafts: dict[str, str] | None = None,
-                  total_tokens=None, depth=None, top_k=None, tree: str = "fixed") -> list[Method]:
-    """One Method per name, in the given order; tree settings of None keep each proposer's
-    default tree; ``tree="auto"`` sizes the eagle2 / jakiro trees for this machine."""
-    from ..speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
-    from ..speculative.proposers.jakiro import JakiroProposer
-
-    if tree not in ("fixed", "auto"):
-        raise TurboLMError(f"tree must be fixed or auto, got {tree!r}")
-    auto = tree == "auto"
-    if auto and any(v is not None for v in (total_tokens, depth, top_k)):
-        raise TurboLMError("--tree auto chooses --total-tokens / --depth / --top-k itself; give one or the other")
-
-    def speculative(name, proposer):
-        d = proposer.default_tree
-        tree = TreeConfig(
-            total_tokens=d.total_tokens if total_tokens is None else total_tokens,
-            depth=d.depth if depth is None else depth,
-            top_k=d.top_k if top_k is None else top_k,
-        )
-        gen = SpeculativeGenerator(model, tokenizer, proposer, tree)
-        if auto and name in DRAFT_METHODS:
-            from ..speculative.draft.model import shipped_draft
-            from ..speculative.sizing import auto_tree, stored_acceptance
-
-            path = Path(drafts.get(name) or shipped_draft(name)).resolve()
-            choice = auto_tree(gen, acceptance=stored_acceptance(path), draft_id=f"{path}",
-                               log=lambda m: log.warning("%s", m))
-            log.warning("%s: %s", name, choice.explain())
-            tree = choice.tree
-        return Method(name, lambda ids, n, sampling: gen.generate(ids, max_new_tokens=n, sampling=sampling), vars(tree).copy())
-
-    drafts = drafts or {}
+def build_methods(names: Sequence[str], model, tokenizer, config: SpecBenchConfig) -> list[Method]:
+    """One Method per name, in the given order: turbolm's own through ``build_decoder``, the
+    transformers baselines through ``hf_generate``."""
     methods = []
     for name in names:
-        if name == "vanilla":
-            methods.append(Method(name, _vanilla(model, tokenizer)))
-        elif name == "hf-generate":
+        if name == "hf-generate":
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s)))
         elif name == "hf-prompt-lookup":
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s, HF_PROMPT_LOOKUP_TOKENS)))
-        elif name == "prompt-lookup":
-            methods.append(speculative(name, PromptLookupProposer()))
-        elif name in DRAFT_METHODS:
-            methods.append(speculative(name, JakiroProposer(_load_draft(name, drafts.get(name), model), model)))
+        elif name in OURS:
+            methods.append(_ours(name, model, tokenizer, config))
         else:
-            raise TurboLMError(f"unknown method '{name}'; use any of {', '.join(METHODS)}")
+            raise ParameterError(f"unknown method '{name}' in {{}}; use any of {', '.join(METHODS)}", "methods")
     return methods
 
 
@@ -291,13 +276,13 @@ def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
     methods = [m.strip() for m in methods if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise TurboLMError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                           f"use any of {', '.join(METHODS)}")
+        raise ParameterError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {{}}; "
+                             f"use any of {', '.join(METHODS)}", "methods")
     for name in drafts:
         if name not in DRAFT_METHODS:
-            raise TurboLMError(f"--draft {name}=...: drafts are for {' / '.join(DRAFT_METHODS)} only")
+            raise ParameterError(f"{{}} {name}=...: drafts are for {' / '.join(DRAFT_METHODS)} only", "drafts")
         if name not in methods:
-            raise TurboLMError(f"--draft {name}=... given but {name} is not in --methods")
+            raise ParameterError(f"{{}} {name}=... given but {name} is not in {{}}", "drafts", "methods")
     return ["vanilla"] + [m for m in dict.fromkeys(methods) if m != "vanilla"]
 
 
@@ -327,13 +312,11 @@ def measure(decode: Decoder, model, tokenizer, question: Question, max_new_token
         histogram = None if h is None or histogram is None else histogram + Counter({int(k): v for k, v in h.items()})
     new_tokens = sum(r.new_tokens for r in results)
     forwards = sum(r.target_forwards for r in results)
-    after_prefill = [(r.new_tokens - 1, r.target_forwards - 1) for r in results if r.new_tokens > 1 and r.target_forwards > 1]
-    tokens, steps = (sum(x) for x in zip(*after_prefill)) if after_prefill else (0, 0)
     return {
         "new_tokens": new_tokens,
         "seconds": seconds,
         "tokens_per_second": new_tokens / seconds if seconds > 0 else float("nan"),
-        "tau": tokens / steps if steps else 1.0,
+        "tau": tau_of(results),
         "target_forwards": forwards,
         # the speculative engine's own split of its time (None for the other methods)
         "draft_seconds": _stat_sum(results, "draft_seconds"),
@@ -410,25 +393,24 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     methods = check_methods(config.methods, drafts)
     for name, v, lo in (("max_new_tokens", config.max_new_tokens, 1), ("limit", config.limit, 1), ("warmup", config.warmup, 0)):
         if v is not None and v < lo:
-            raise TurboLMError(f"{name.replace('_', '-')} must be >= {lo}, got {v}")
+            raise ParameterError(f"{{}} must be >= {lo}, got {v}", name)
     sampling = SamplingParams(temperature=config.temperature, seed=None if config.temperature == 0 else config.seed)
     questions, skipped_rows = load_questions(config.questions)
     if skipped_rows:
         log.warning("%s: skipped %d malformed row(s): %s", config.questions, sum(skipped_rows.values()),
                     ", ".join(f"{n} {why}" for why, n in skipped_rows.items()))
     if config.per_category is not None and config.per_category < 1:
-        raise TurboLMError(f"per-category must be >= 1, got {config.per_category}")
+        raise ParameterError(f"{{}} must be >= 1, got {config.per_category}", "per_category")
     selected = select_questions(questions, config.categories, config.limit, config.per_category)
 
     if target is None:
+        from ..core.kernels import apply_fast_cpu
         from ..core.models import load_target
 
-        from ..core.kernels import apply_for_cli
-
         target = load_target(config.model, dtype=config.dtype, device=config.device)
-        apply_for_cli(target[0], config.fast_cpu)
+        apply_fast_cpu(target[0], config.fast_cpu)
     model, tokenizer = target
-    built = build_methods(methods, model, tokenizer, drafts, config.total_tokens, config.depth, config.top_k, config.tree)
+    built = build_methods(methods, model, tokenizer, config)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import TurboLMError
+from .errors import ParameterError, TurboLMError
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -31,7 +31,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
 def encode_prompt(tokenizer, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
     """Token ids for one user prompt: chat-formatted by default, raw text with ``chat=False``."""
     if not prompt or not prompt.strip():
-        raise TurboLMError("empty prompt: give some text with --prompt")
+        raise ParameterError("empty prompt: give some text with {}", "prompt")
     if not chat:
         return tokenizer(prompt)["input_ids"]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -1,7 +1,10 @@
-"""Atomic, resumable checkpoints shared by the draft and router trainers (safetensors + JSON only)."""
+"""Files that are never half-written: atomic writes (a temporary file beside the target, renamed
+into place), content checksums, and the resumable training state shared by the draft and router
+trainers (safetensors + JSON only)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,24 +16,38 @@ import torch
 from .errors import TurboLMError
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` (``.NAME.XXXX.tmp``), then
+    rename it into place: readers see the old file or the new one, never a part."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's (and safetensors') 0600 would outlive the rename
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=1)))
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(obj, indent=indent, default=str))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's content (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_training_state(out: Path, module: torch.nn.Module, optimizer, state: dict,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TurboLMError
+from .errors import ParameterError, TurboLMError
 
 log = logging.getLogger("turbolm")
 
@@ -125,7 +125,7 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise TurboLMError(f"unknown device '{device}'; use cpu or cuda (cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise TurboLMError(f"device '{device}' requested but CUDA is not available on this machine; use --device cpu")
+            raise ParameterError(f"{{}} '{device}' requested but CUDA is not available on this machine; use {{}} cpu", "device", "device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TurboLMError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError, TurboLMError
 from .tasks import ChoiceItem, ContinuationItem, Document, Task
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -76,7 +76,7 @@ class Scorer:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise TurboLMError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ParameterError(f"{{}} must be >= 1, got {self.batch_size}", "batch_size")
         if self.max_length < 2:
             raise TurboLMError(f"the model's context must be at least 2 tokens, got {self.max_length}")
         self.prefix_id = prefix_token_id(self.tokenizer)
@@ -204,7 +204,7 @@ def rolling_windows(tokens: list[int], prefix_id: int, context_length: int, stri
     ``stride == context_length`` these are lm-eval's ``loglikelihood_rolling`` windows (disjoint, the
     last one with a full window of context)."""
     if not 1 <= stride <= context_length:
-        raise TurboLMError(f"the stride must be between 1 and the context length ({context_length}), got {stride}")
+        raise ParameterError(f"{{}} must be between 1 and the context length ({context_length}), got {stride}", "stride")
     x = [prefix_id] + list(tokens)
     n = len(tokens)
     windows = []
@@ -280,7 +280,7 @@ def evaluate_loglikelihood(task: Task, scorer: Scorer) -> dict:
 def evaluate_rolling(task: Task, scorer: Scorer, context_length: int | None = None, stride: int | None = None) -> dict:
     context_length = context_length or scorer.max_length
     if context_length > scorer.max_length:
-        raise TurboLMError(f"--context-length {context_length} is longer than the model's context ({scorer.max_length})")
+        raise ParameterError(f"{{}} {context_length} is longer than the model's context ({scorer.max_length})", "context_length")
     stride = stride or context_length
     enc = scorer._encode_many([d.text for d in task.items])
     windows, owner, n_tokens = [], [], 0

@@ -40,11 +40,11 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError, TurboLMError
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 TARGET_DELIMITER = " "  # lm-eval's target_delimiter: between a context and every continuation
@@ -94,7 +94,7 @@ class Task:
 
 def _check_file(path: Path, task: str) -> Path:
     if not path.exists():
-        raise TurboLMError(f"{task}: data file not found: {path} (give --data-dir DIR, or --task-path {task}=FILE)")
+        raise ParameterError(f"{task}: data file not found: {path} (give {{}} DIR, or {{}} {task}=FILE)", "data_dir", "task_paths")
     if not path.is_file():
         raise TurboLMError(f"{task}: {path} is not a file")
     return path
@@ -474,7 +474,7 @@ DEFAULT_TASKS = ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "he
 
 def task_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     if name not in TASKS:
-        raise TurboLMError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)} (or --task-file FILE)")
+        raise ParameterError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)} (or {{}} FILE)", "task_files")
     return Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR) / TASKS[name].relpath
 
 
@@ -482,16 +482,16 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, path: str | 
               limit: int | None = None) -> Task:
     """A built-in task, from ``path`` if given, else from its usual place under ``data_dir``."""
     if limit is not None and limit < 1:
-        raise TurboLMError(f"--limit must be >= 1, got {limit}")
+        raise ParameterError(f"{{}} must be >= 1, got {limit}", "limit")
     where = Path(path) if path is not None else task_path(name, data_dir)
     if name not in TASKS:
-        raise TurboLMError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)} (or --task-file FILE)")
+        raise ParameterError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)} (or {{}} FILE)", "task_files")
     return TASKS[name].load(where, name, limit)
 
 
 def load_task_file(path: str | os.PathLike, limit: int | None = None, name: str | None = None) -> Task:
     """A multiple-choice jsonl file given by path; the task is named after the file's stem."""
     if limit is not None and limit < 1:
-        raise TurboLMError(f"--limit must be >= 1, got {limit}")
+        raise ParameterError(f"{{}} must be >= 1, got {limit}", "limit")
     path = Path(path)
     return load_multiple_choice(path, name or path.stem, limit)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError, TurboLMError
 from ..core.generation import forward, new_cache, synchronize
 
 DEFAULT_TEXT = Path("../shared/data/language_modeling/wikitext-2-raw/wiki.test.raw")
@@ -31,7 +31,7 @@ def prompt_ids(tokenizer, length: int, text_file: str | None = None) -> tuple[to
         text, source = _BUILTIN * (length // 40 + 1), "built-in paragraph, repeated"
     ids = tokenizer(text[: length * 12], add_special_tokens=False)["input_ids"]
     if len(ids) < length:
-        raise TurboLMError(f"{source} has only {len(ids)} tokens; --prompt-length {length} needs more text")
+        raise ParameterError(f"{source} has only {len(ids)} tokens; {{}} {length} needs more text", "prompt_length")
     return torch.tensor([ids[:length]]), source
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..core.io import atomic_write, write_json
 from ..core.errors import TurboLMError
+from ..core.io import atomic_write, write_json
 from ..core.models import identity_mismatch, model_identity
 from .factors import FACTOR_NAMES
 from .router import ROUTER_KINDS, HiddenStateRouter, LearnedRouter, make_router

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chat import encode_chat
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError, TurboLMError
 from ..core.rows import SkipRow, read_rows, row_messages
 
 
@@ -37,7 +37,7 @@ class Chunks:
 def pack_rows(tokenizer, path: str | os.PathLike, seq_len: int, calibration: int,
               max_train: int | None = None) -> Chunks:
     if seq_len < 2:
-        raise TurboLMError("--seq-len must be at least 2")
+        raise ParameterError(f"{{}} must be at least 2, got {seq_len}", "seq_len")
     rows = read_rows(path)
     skipped: Counter = Counter()
     stream: list[int] = []

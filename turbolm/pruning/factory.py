@@ -1,6 +1,8 @@
-"""One place that turns "which pruned model" into something attachable: an FTP pruner checkpoint,
-a router without training (static / random), or a layer-pruning baseline (ShortGPT, BlockPruner).
-Used by `turbolm eval` and the pruning report, so every method is built the same way."""
+"""The one place that turns a plain description of a pruned model into something attachable:
+``build_pruned(model, tokenizer, PrunerSpec(...))`` gives an FTP pruner checkpoint, a token router
+without training (static / random), or a layer-pruning baseline (ShortGPT, BlockPruner). Used by
+``turbolm prune generate|bench``, ``turbolm eval`` and the pruning report, so every method is built
+the same way."""
 
 from __future__ import annotations
 
@@ -10,30 +12,88 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import ParameterError
 from ..core.io import write_json
-from ..core.errors import TurboLMError
 from ..core.models import cache_root, model_identity
 
-BASELINES = ("static", "random", "shortgpt", "blockpruner")
+METHODS = ("ftp", "static", "random", "shortgpt", "blockpruner")
 DEFAULT_CALIBRATION = Path("../shared/data/alpaca/alpaca_5000.json")
 BLOCKPRUNER_CHUNKS = 2
 
 
+@dataclass(frozen=True)
+class PrunerSpec:
+    """Which pruned model. ``method``: ftp (a trained pruner ``checkpoint``; ``router`` swaps in
+    another router kind on its schedule, ``dense_kv`` overrides its K/V semantics), static or
+    random (token routers without training on ``schedule`` (a search or pruner file) or a uniform
+    ``sparsity``), shortgpt or blockpruner (layers / blocks removed to ``sparsity``, chosen on
+    ``calibration_data``, Alpaca or ShareGPT rows; cached per model)."""
+
+    method: str = "ftp"
+    checkpoint: str | None = None
+    router: str | None = None
+    sparsity: float | None = None
+    schedule: str | None = None
+    dense_kv: bool = False
+    calibration_data: str | None = None
+    seed: int = 0
+
+    def check(self) -> PrunerSpec:
+        """Raise :class:`ParameterError` for a spec that cannot be built; return it otherwise."""
+        if self.method not in METHODS:
+            raise ParameterError(f"{{}} must be one of {', '.join(METHODS)}, got {self.method!r}", "method")
+        if self.checkpoint and self.method != "ftp":
+            raise ParameterError("give {} or {}, not both", "checkpoint", "method")
+        if self.method == "ftp" and not self.checkpoint:
+            raise ParameterError("give {} CKPT, or {} static|random with {} S (or {} FILE)", "checkpoint", "method",
+                                 "sparsity", "schedule")
+        if self.router is not None and self.method != "ftp":
+            raise ParameterError("{} replaces the router of a pruner {}", "router", "checkpoint")
+        if self.method in ("static", "random") and self.schedule is None and self.sparsity is None:
+            raise ParameterError(f"{{}} {self.method} needs {{}} S (uniform) or {{}} FILE", "method", "sparsity",
+                                 "schedule")
+        if self.method in ("shortgpt", "blockpruner") and (self.sparsity is None or not 0 < self.sparsity < 1):
+            raise ParameterError(f"{{}} {self.method} needs {{}} S in (0, 1)", "method", "sparsity")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise ParameterError(f"{{}} must be in [0, 1), got {self.sparsity}", "sparsity")
+        return self
+
+
 @dataclass
-class Variant:
-    name: str
-    handle: object  # TokenPruner or LayerDropper: attach()/detach(), context manager
+class PrunedModel:
+    """A pruned model, not attached: ``attach()`` / ``detach()`` or ``with``; ``patch`` is the
+    TokenPruner or LayerDropper that does the work."""
+
+    name: str  # what exactly (e.g. "ShortGPT (9 of 30 layers removed)")
+    patch: object
     token_level: bool  # per-token decisions (batches must not be padded)
     method: str = ""  # the method independent of its sparsity, for grouping in reports
     target_sparsity: float | None = None
 
+    def attach(self) -> PrunedModel:
+        self.patch.attach()
+        return self
+
+    def detach(self) -> None:
+        self.patch.detach()
+
+    def __enter__(self) -> PrunedModel:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def stats(self):
+        """Token skipping statistics of a token pruner (None for layer droppers)."""
+        return getattr(self.patch, "stats", None)
+
     def compute_removed(self) -> float | None:
         """Fraction of (token, block) work removed, as measured on what ran (token pruners) or by
         construction (layer droppers)."""
-        stats = getattr(self.handle, "stats", None)
-        if stats is not None:
-            return stats.prefill_sparsity if stats.prefill_pairs else None
-        return getattr(self.handle, "removed_fraction", None)
+        if self.stats is not None:
+            return self.stats.prefill_sparsity if self.stats.prefill_pairs else None
+        return getattr(self.patch, "removed_fraction", None)
 
 
 def calibration_chunks(tokenizer, data: str | Path | None, seq_len: int = 256, n: int = 8) -> torch.Tensor:
@@ -41,56 +101,45 @@ def calibration_chunks(tokenizer, data: str | Path | None, seq_len: int = 256, n
 
     path = Path(data) if data else DEFAULT_CALIBRATION
     if not path.is_file():
-        raise TurboLMError(f"calibration data not found: {path} (give --calibration-data FILE, Alpaca or ShareGPT rows)")
+        raise ParameterError(f"calibration data not found: {path} (give {{}} FILE, Alpaca or ShareGPT rows)",
+                             "calibration_data")
     return pack_rows(tokenizer, path, seq_len, n, max_train=0).calibration
 
 
-def build_variant(model, tokenizer, *, pruner: str | None = None, router: str | None = None,
-                  baseline: str | None = None, sparsity: float | None = None, schedule: str | None = None,
-                  calibration_data: str | None = None, seed: int = 0) -> Variant:
-    """The pruned model to evaluate (not attached)."""
+def build_pruned(model, tokenizer, spec: PrunerSpec) -> PrunedModel:
+    """The pruned model ``spec`` describes, for ``model`` (not attached)."""
     from .baselines import LayerDropper, blockpruner_blocks, shortgpt_layers
     from .checkpoint import load_pruner
     from .router import make_router
     from .search import read_schedule
     from .skipping import TokenPruner, decoder_layers
 
-    if pruner and baseline:
-        raise TurboLMError("give --pruner or --baseline, not both")
-    if pruner:
-        p = load_pruner(pruner, model, router=router, seed=seed)
+    spec.check()
+    if spec.method == "ftp":
+        p = load_pruner(spec.checkpoint, model, router=spec.router, seed=spec.seed,
+                        dense_kv=True if spec.dense_kv else None)
         label = {"learned": "FTP (learned)", "static": "FTP (static)", "random": "random", "mod": "MoD-style router"}
-        return Variant(f"FTP {p.router.kind} router ({Path(pruner).name})", p, True,
-                       label.get(p.router.kind, p.router.kind), sum(p.schedule) / len(p.schedule))
-    if baseline not in BASELINES:
-        raise TurboLMError(f"--baseline must be one of {', '.join(BASELINES)}")
+        return PrunedModel(f"FTP {p.router.kind} router ({Path(spec.checkpoint).name})", p, True,
+                           label.get(p.router.kind, p.router.kind), sum(p.schedule) / len(p.schedule))
     n = len(decoder_layers(model))
-    if baseline in ("static", "random"):
-        if schedule:
-            sched = read_schedule(schedule)
-        elif sparsity is not None:
-            sched = [sparsity] * n
-        else:
-            raise TurboLMError(f"--baseline {baseline} needs --sparsity S (uniform) or --schedule FILE")
-        what = f"schedule {Path(schedule).name}" if schedule else f"uniform {sparsity:.0%}"
-        label = "FTP (static)" if baseline == "static" and schedule else f"{baseline} router"
-        return Variant(f"{baseline} router, {what}", TokenPruner(model, make_router(baseline, seed=seed), sched), True,
-                       label, sum(sched) / len(sched))
-    if sparsity is None or not 0 < sparsity < 1:
-        raise TurboLMError(f"--baseline {baseline} needs --sparsity S in (0, 1)")
-    chunks = calibration_chunks(tokenizer, calibration_data)
-    if baseline == "shortgpt":
+    if spec.method in ("static", "random"):
+        sched = read_schedule(spec.schedule) if spec.schedule else [spec.sparsity] * n
+        what = f"schedule {Path(spec.schedule).name}" if spec.schedule else f"uniform {spec.sparsity:.0%}"
+        label = "FTP (static)" if spec.method == "static" and spec.schedule else f"{spec.method} router"
+        pruner = TokenPruner(model, make_router(spec.method, seed=spec.seed), sched, dense_kv=spec.dense_kv)
+        return PrunedModel(f"{spec.method} router, {what}", pruner, True, label, sum(sched) / len(sched))
+    chunks = calibration_chunks(tokenizer, spec.calibration_data)
+    if spec.method == "shortgpt":
         bi = _cached(model, "shortgpt-bi", lambda: {"bi": block_influence_of(model, chunks)})["bi"]
-        drop = shortgpt_layers(bi, sparsity)
-        return Variant(f"ShortGPT ({len(drop)} of {n} layers removed)", LayerDropper(model, drop_layers=drop), False,
-                       "ShortGPT", sparsity)
+        drop = shortgpt_layers(bi, spec.sparsity)
+        return PrunedModel(f"ShortGPT ({len(drop)} of {n} layers removed)", LayerDropper(model, drop_layers=drop),
+                           False, "ShortGPT", spec.sparsity)
     # The greedy pass evaluates every remaining block at every step (~1,000 perplexity evaluations
     # to 40% on a 30-layer model), so it uses the first 2 of the calibration chunks.
-    order = blockpruner_order_cached(model, chunks[:BLOCKPRUNER_CHUNKS], max(sparsity, 0.4))
-    blocks = blockpruner_blocks(order, sparsity)
-    d = LayerDropper(model, **blocks)
-    return Variant(f"BlockPruner ({len(blocks['drop_attention'])} attention + {len(blocks['drop_mlp'])} MLP blocks)",
-                   d, False, "BlockPruner", sparsity)
+    order = blockpruner_order_cached(model, chunks[:BLOCKPRUNER_CHUNKS], max(spec.sparsity, 0.4))
+    blocks = blockpruner_blocks(order, spec.sparsity)
+    return PrunedModel(f"BlockPruner ({len(blocks['drop_attention'])} attention + {len(blocks['drop_mlp'])} MLP blocks)",
+                       LayerDropper(model, **blocks), False, "BlockPruner", spec.sparsity)
 
 
 def block_influence_of(model, chunks):

@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..core.errors import TurboLMError
+from ..core.errors import DataError, TurboLMError
 
 TASK_METRIC = {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "winogrande": "acc",
                "boolq": "acc", "hellaswag": "acc_norm", "mmlu": "acc"}
@@ -28,7 +28,7 @@ def read_runs(results_dir: str | Path) -> tuple[dict, list[dict]]:
     """(the dense run, the pruned runs) from the eval JSON files in ``results_dir``."""
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
-        raise TurboLMError(f"no eval results (*.json) in {results_dir}; write them with `turbolm eval --out`")
+        raise DataError(f"no eval results (*.json) in {results_dir}; write them with `turbolm eval --out`")
     dense, pruned = [], []
     for f in files:
         try:
@@ -40,7 +40,7 @@ def read_runs(results_dir: str | Path) -> tuple[dict, list[dict]]:
         run["file"] = f.name
         (pruned if "pruning" in run else dense).append(run)
     if len(dense) != 1:
-        raise TurboLMError(f"{results_dir} must hold exactly one dense run (no --pruner/--baseline), found {len(dense)}")
+        raise DataError(f"{results_dir} must hold exactly one dense run (no pruner or baseline), found {len(dense)}")
     return dense[0], pruned
 
 

@@ -56,7 +56,7 @@ class LearnedRouter(nn.Module):
         self.threshold = threshold
 
     @torch.no_grad()
-    def init_static(self, slope: float = 20.0, noise: float = 0.01) -> "LearnedRouter":
+    def init_static(self, slope: float = 20.0, noise: float = 0.01) -> LearnedRouter:
         """Start from the static router: score = slope * (position - sparsity), exactly, plus
         small random weights elsewhere. Two hidden units make it linear (GELU(z) - GELU(-z) = z),
         so the ranking is the static one (most recent first) and sigmoid(score) >= 0.5 exactly

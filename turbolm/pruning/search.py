@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.io import write_json
 from ..core.errors import TurboLMError
+from ..core.io import write_json
 from .calibration import DenseReference
 from .genetic import SearchConfig, SearchResult, search_schedule
 from .skipping import TokenPruner, decoder_layers

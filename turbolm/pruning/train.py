@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import ParameterError, TurboLMError
 from ..core.io import atomic_write, load_training_state, save_training_state
-from ..core.errors import TurboLMError
 from .calibration import default_score_last
 from .factors import FACTOR_NAMES
 from .router import LearnedRouter
@@ -112,8 +112,8 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     out = Path(out)
     state_dir = out / "train"
     if not resume and (state_dir / "latest.json").exists():
-        raise TurboLMError(f"{state_dir} already holds a training run: pass --resume to continue it, "
-                           "or choose another --out")
+        raise ParameterError(f"{state_dir} already holds a training run: pass {{}} to continue it, "
+                             "or choose another {}", "resume", "out")
     state_dir.mkdir(parents=True, exist_ok=True)
     if len(train_chunks) < cfg.batch_size:
         raise TurboLMError(f"{len(train_chunks)} training chunks is fewer than the batch size {cfg.batch_size}")
@@ -129,7 +129,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     if resume and (state_dir / "latest.json").exists():
         state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
         if state.get("config", {}).get("inputs") != list(cfg.inputs):
-            raise TurboLMError(f"{state_dir} was trained with other router inputs; use a new --out")
+            raise ParameterError(f"{state_dir} was trained with other router inputs; use a new {{}}", "out")
         log(f"resuming router training at step {state['step']}")
     model.requires_grad_(False)
     pruner = TokenPruner(model, router, schedule, dense_kv=cfg.dense_kv, train_records=True)
@@ -203,3 +203,52 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     return router, {**last, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
                     "best_heldout_kl": None if state.get("best_kl") is None else round(state["best_kl"], 5),
                     "best_step": state.get("best_step")}
+
+
+def train_pruner(model, chunks, reference, out: str | Path, schedule: list[float], cfg: RouterTrainConfig, *,
+                 target_sparsity: float, router_kind: str = "learned", search_config=None,
+                 finetune_generations: int = 5, resume: bool = False, provenance: dict | None = None) -> dict:
+    """FTP's whole training step: the router (LLM frozen) for ``schedule``, then ``finetune_generations``
+    of the schedule search with the trained router, then a pruner checkpoint in ``out``.
+
+    ``chunks``: the packed training text (``data.pack_rows``); ``reference``: the dense model on
+    the held-out chunks (:class:`.calibration.DenseReference`); ``router_kind``: learned (FTP's
+    router on the four factors) or mod (the Mixture-of-Depths-style ablation); ``provenance`` is
+    stored in the checkpoint as it is. Returns what the checkpoint's config records (``heldout_kl``:
+    the static router on ``schedule``, the trained router before and after the fine-tuning)."""
+    from dataclasses import replace
+
+    from .checkpoint import pruner_config, save_pruner
+    from .genetic import SearchConfig
+    from .router import HiddenStateRouter, StaticRouter
+    from .search import run_search
+
+    out = Path(out)
+    with TokenPruner(model, StaticRouter(), schedule, dense_kv=cfg.dense_kv) as static:
+        static_kl = reference.kl(static)
+    initial = None
+    if router_kind == "mod":
+        initial = HiddenStateRouter(model.config.hidden_size, len(schedule), threshold=cfg.threshold)
+    router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=resume,
+                                   router=initial)
+    final, finetune = schedule, None
+    if finetune_generations > 0:
+        search_cfg = replace(search_config or SearchConfig(), generations=finetune_generations, seed=cfg.seed + 1)
+        result = run_search(model, router, reference, target_sparsity, out / "finetune.json", search_cfg,
+                            initial=[schedule], resume=resume, dense_kv=cfg.dense_kv)
+        final = result.best
+        finetune = {"generations": finetune_generations, "kl_before": -result.history[0]["best"]
+                    if result.history else None, "kl_after": -result.best_fitness}
+    with TokenPruner(model, router, final, dense_kv=cfg.dense_kv) as learned:
+        final_kl = reference.kl(learned)
+    provenance = dict(provenance or {})
+    info = {"training": {**summary, "config": cfg.__dict__, **provenance.pop("training", {}),
+                         "train_chunks": len(chunks.train)},
+            "heldout_kl": {"static_router_searched_schedule": round(static_kl, 5),
+                           "learned_router_before_finetune": summary.get("best_heldout_kl"), "final": round(final_kl, 5)},
+            **provenance, "finetune": finetune,
+            "calibration": {"chunks": len(reference.chunks), "seq_len": reference.chunks.shape[1],
+                            "score_last": reference.score_last}}
+    save_pruner(out, pruner_config(model, router, final, target_sparsity=target_sparsity, dense_kv=cfg.dense_kv, **info),
+                router)
+    return info

@@ -1,7 +1,12 @@
-"""Lossless tree speculative decoding: proposers draft token trees, the target verifies them."""
+"""Lossless tree speculative decoding: proposers draft token trees, the target verifies them.
+
+``build_decoder(model, tokenizer, DecoderSpec(...))`` builds any decoder (vanilla, prompt lookup, a
+small draft model, Jakiro, EAGLE-2) from a plain description."""
 
 from .engine import SpeculativeGenerator
+from .factory import DecoderSpec, build_decoder
 from .proposers import ModelProposer, PromptLookupProposer, Proposer
 from .tree import Tree, TreeConfig
 
-__all__ = ["ModelProposer", "PromptLookupProposer", "Proposer", "SpeculativeGenerator", "Tree", "TreeConfig"]
+__all__ = ["DecoderSpec", "ModelProposer", "PromptLookupProposer", "Proposer", "SpeculativeGenerator", "Tree",
+           "TreeConfig", "build_decoder"]

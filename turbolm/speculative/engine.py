@@ -22,10 +22,12 @@ from ..core.generation import (
     OutputTracker,
     SamplingParams,
     check_prompt_length,
+    drain,
     eos_token_ids,
     forward,
     logits_to_probs,
     next_token,
+    stream_text,
 )
 from .cache import keep_only, new_tree_cache
 from .proposers.base import Proposer
@@ -36,15 +38,26 @@ from .verify import accept_greedy, accept_sampling
 class SpeculativeGenerator:
     """Lossless speculative decoding of ``target`` with any :class:`Proposer` (batch size 1)."""
 
+    tree_choice = None  # set by build_decoder when --tree auto chose the tree
+
     def __init__(self, target, tokenizer, proposer: Proposer, tree: TreeConfig | None = None):
         self.target = target
         self.tokenizer = tokenizer
         self.proposer = proposer
         #: optional ``on_step(tree, accepted_path)`` called after every verification (calibration)
         self.on_step: Callable[[object, list[int]], None] | None = None
+        self.result: GenerationResult | None = None
         if tree is not None:
             proposer.tree = tree
         proposer.check_compatible(target, tokenizer)
+
+    @property
+    def name(self) -> str:
+        return self.proposer.name
+
+    @property
+    def tree(self) -> TreeConfig:
+        return self.proposer.tree
 
     @torch.inference_mode()
     def generate(
@@ -55,8 +68,7 @@ class SpeculativeGenerator:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        for _ in self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, on_text):
-            pass
+        self.result = drain(self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, on_text))
         return self.result
 
     def stream(
@@ -67,14 +79,10 @@ class SpeculativeGenerator:
         stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Yield the answer's text as it is produced; ``self.result`` holds the statistics afterwards."""
-        pending: list[str] = []
-        with torch.inference_mode():
-            for _ in self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, pending.append):
-                if pending:
-                    yield "".join(pending)
-                    pending.clear()
-        if pending:
-            yield "".join(pending)
+        def run(on_text):
+            return self._run(list(input_ids), max_new_tokens, sampling or SamplingParams(), stop, on_text)
+
+        return stream_text(run, lambda r: setattr(self, "result", r))
 
     def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, stop, on_text):
         target = self.target
@@ -83,7 +91,7 @@ class SpeculativeGenerator:
         generator = sampling.generator(target.device)
         capture = FeatureCapture(target) if self.proposer.needs_features else nullcontext()
         with capture:
-            yield from self._loop(prompt, budget, tracker, sampling, generator, capture)
+            return (yield from self._loop(prompt, budget, tracker, sampling, generator, capture))
 
     def _loop(self, prompt, budget, tracker, sampling, generator, capture):
         target, device = self.target, self.target.device
@@ -145,7 +153,7 @@ class SpeculativeGenerator:
 
         seconds = time.perf_counter() - start
         steps = forwards - 1
-        self.result = GenerationResult(
+        return GenerationResult(
             token_ids=tracker.token_ids,
             text=tracker.text,
             prompt_tokens=len(prompt),

@@ -34,6 +34,7 @@ import torch
 
 from ..core.errors import TurboLMError
 from ..core.generation import synchronize
+from ..core.io import write_json
 from .tree import Tree, TreeConfig
 
 GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -57,6 +58,24 @@ CALIBRATION_PROMPTS = (
     "Give three tips for staying productive while working from home.",
 )
 ACCEPTANCE_FILE = "acceptance.json"
+VERIFY_SIZES = (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33, 41, 49, 65)
+
+
+@dataclass(frozen=True)
+class SizingGrid:
+    """What ``--tree auto`` measures and chooses among: candidate tree sizes, the verification
+    sizes timed, and the calibration generations for a draft without stored statistics."""
+
+    total_tokens: tuple[int, ...] = GRID_TOTAL
+    depths: tuple[int, ...] = GRID_DEPTH
+    top_ks: tuple[int, ...] = GRID_TOP_K
+    verify_sizes: tuple[int, ...] = VERIFY_SIZES
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS
+    max_new_tokens: int = 64
+
+    def key(self) -> str:
+        """'' for the default grid, else a short digest (timings of another grid are cached apart)."""
+        return "" if self == SizingGrid() else hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
 
 # --- acceptance statistics -----------------------------------------------------------------------
@@ -101,23 +120,24 @@ class AcceptanceTable:
     calibration: dict = field(default_factory=dict)
 
     @classmethod
-    def from_steps(cls, steps: list[tuple[list[int], list[float], list[int]]], calibration: dict) -> AcceptanceTable:
+    def from_steps(cls, steps: list[tuple[list[int], list[float], list[int]]], calibration: dict,
+                   grid: SizingGrid = SizingGrid()) -> AcceptanceTable:
         if not steps:
             raise TurboLMError("no speculative steps were recorded to measure the draft's acceptance")
         big = TreeConfig(**calibration["tree"]) if "tree" in calibration else CALIBRATION_TREE
         table: dict = {}
-        for d in GRID_DEPTH:
+        for d in grid.depths:
             if d > big.depth:
                 continue
-            for k in GRID_TOP_K:
+            for k in grid.top_ks:
                 if k > big.top_k:
                     continue
-                sums = dict.fromkeys(GRID_TOTAL, 0)
+                sums = dict.fromkeys(grid.total_tokens, 0)
                 for parents, scores, path in steps:
                     ranks = subtree_path_ranks(parents, scores, path, d, k)
-                    for n in GRID_TOTAL:
+                    for n in grid.total_tokens:
                         sums[n] += sum(r < n for r in ranks)
-                table.setdefault(str(d), {})[str(k)] = {str(n): sums[n] / len(steps) for n in GRID_TOTAL if n <= big.total_tokens}
+                table.setdefault(str(d), {})[str(k)] = {str(n): sums[n] / len(steps) for n in grid.total_tokens if n <= big.total_tokens}
         return cls(accepted=table, steps=len(steps), calibration=calibration)
 
     def expected(self, tree: TreeConfig) -> float | None:
@@ -128,9 +148,7 @@ class AcceptanceTable:
                 if int(n) >= int(d)]
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..core.io import atomic_write
-
-        atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(asdict(self), indent=None)))
+        write_json(path, asdict(self), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcceptanceTable:
@@ -140,8 +158,9 @@ class AcceptanceTable:
             raise TurboLMError(f"cannot read acceptance statistics {path}: {e}") from None
 
 
-def record_acceptance(generator, tokenizer, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 64,
-                      tree: TreeConfig = CALIBRATION_TREE, progress: bool = False) -> AcceptanceTable:
+def record_acceptance(generator, tokenizer, prompts: tuple[str, ...] = CALIBRATION_PROMPTS, max_new_tokens: int = 64,
+                      tree: TreeConfig = CALIBRATION_TREE, progress: bool = False,
+                      grid: SizingGrid = SizingGrid()) -> AcceptanceTable:
     """Greedy generations with ``tree`` on ``prompts``; every step's tree and accepted path
     becomes an :class:`AcceptanceTable`. ``generator`` is a SpeculativeGenerator."""
     from tqdm.auto import tqdm
@@ -159,7 +178,7 @@ def record_acceptance(generator, tokenizer, prompts=CALIBRATION_PROMPTS, max_new
         generator.proposer.tree, generator.on_step = saved_tree, saved_hook
     calibration = {"tree": asdict(tree), "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                    "dtype": str(generator.target.dtype).replace("torch.", "")}
-    return AcceptanceTable.from_steps(steps, calibration)
+    return AcceptanceTable.from_steps(steps, calibration, grid)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -177,7 +196,7 @@ def _median_time(fn, repeats: int, device) -> float:
 
 
 @torch.inference_mode()
-def time_verification(target, sizes=(1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33, 41, 49, 65), prefix: int = 192,
+def time_verification(target, sizes: tuple[int, ...] = VERIFY_SIZES, prefix: int = 192,
                       repeats: int = 3) -> dict[int, float]:
     """Seconds for the target to verify ``n`` tree tokens after a ``prefix``-token KV cache,
     with the engine's own mask and positions (a chain of ``n`` tokens; the cost does not
@@ -307,7 +326,9 @@ def choose_tree(acceptance: AcceptanceTable, verify_s: dict[int, float], draft_s
     return best
 
 
-def _machine_key(target, proposer, extra: str) -> str:
+def timing_key(target, proposer, draft_id: str) -> str:
+    """The cache key of a proposer's timings: this machine (CPU, GPU, threads, torch), the
+    target (dtype, device, kernels, weights), the proposer and ``draft_id`` (the draft's content)."""
     from ..core.machine import cpu_model
     from ..core.models import model_identity
 
@@ -317,21 +338,20 @@ def _machine_key(target, proposer, extra: str) -> str:
     from ..core.kernels import is_optimized
 
     parts = [cpu, gpu, str(torch.get_num_threads()), torch.__version__, str(target.dtype), str(device), str(is_optimized(target)),
-             model_identity(target)["embedding_sha256"], proposer.name, extra]
+             model_identity(target)["embedding_sha256"], proposer.name, draft_id]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id: str = "", progress: bool = True,
-              log=None) -> TreeChoice:
-    """Choose the tree for ``generator`` (a SpeculativeGenerator) on this machine, set it, and
-    return the choice. ``acceptance``: the draft's stored statistics (None: calibrate and
-    cache). Timings are cached under the turbolm cache directory, keyed by machine, threads,
-    torch version, dtype, device, target weights, proposer and ``draft_id``."""
+              log=None, grid: SizingGrid = SizingGrid()) -> TreeChoice:
+    """Choose the tree for ``generator`` (a SpeculativeGenerator) on this machine among ``grid``,
+    set it, and return the choice. ``acceptance``: the draft's stored statistics (None: calibrate
+    and cache). Timings are cached under the turbolm cache directory, keyed by :func:`timing_key`."""
     from ..core.models import cache_root
 
     log = log or (lambda msg: None)
     target, proposer = generator.target, generator.proposer
-    key = _machine_key(target, proposer, draft_id)
+    key = timing_key(target, proposer, draft_id + grid.key())
     path = cache_root() / "tree-sizing" / f"{key}.json"
     cached = {}
     if path.is_file():
@@ -339,20 +359,23 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
             cached = json.loads(path.read_text())
         except ValueError:
             cached = {}
+    measured = False
     if acceptance is None and "acceptance" in cached:
         acceptance = AcceptanceTable(**cached["acceptance"])
     if acceptance is None:
         log("tree auto: measuring this draft's acceptance once (greedy, a few short prompts) ...")
-        acceptance = record_acceptance(generator, generator.tokenizer, progress=progress)
+        acceptance = record_acceptance(generator, generator.tokenizer, grid.prompts, grid.max_new_tokens,
+                                       progress=progress, grid=grid)
         cached["acceptance"] = asdict(acceptance)
+        measured = True
     if "verify_seconds" not in cached:
         log("tree auto: timing the target and the draft on this machine once (cached) ...")
-        cached["verify_seconds"] = time_verification(target)
-        cached["draft_seconds"] = time_drafting(proposer, target, generator.tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached))
-    os.replace(tmp, path)
+        cached["verify_seconds"] = time_verification(target, grid.verify_sizes)
+        cached["draft_seconds"] = time_drafting(proposer, target, generator.tokenizer, grid.depths, grid.top_ks)
+        measured = True
+    if measured:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, cached, indent=None)
     draft_s = {int(d): {int(k): v for k, v in ks.items()} for d, ks in cached["draft_seconds"].items()}
     choice = choose_tree(acceptance, cached["verify_seconds"], draft_s)
     proposer.tree = choice.tree

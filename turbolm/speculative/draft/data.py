@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from ...core.chat import encode_chat
-from ...core.errors import TurboLMError
-from ...core.rows import SkipRow, first_exchange, read_rows, row_messages
+from ...core.errors import ParameterError, TurboLMError
 from ...core.generation import FeatureCapture, context_length, eos_token_ids
+from ...core.io import atomic_write, write_json
 from ...core.models import load_target, model_identity
+from ...core.rows import SkipRow, first_exchange, read_rows, row_messages
 
 log = logging.getLogger("turbolm")
 
@@ -41,7 +42,7 @@ ESTIMATE_ROWS = 200
 # Everything that shapes the shards: a resumed run must agree on all of it.
 RESUME_KEYS = ("format", "target", "hidden_size", "features_dtype", "data", "regenerate", "regen_max_new_tokens",
                "max_length", "chat_template_sha256")
-_OURS = re.compile(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|meta\.json)\.tmp")
+_OURS = re.compile(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|meta\.json)(\.\w+)?\.tmp")
 
 
 @dataclass
@@ -178,12 +179,6 @@ def extract_features(model, sequences: list[list[int]], *, batch_size: int, dtyp
 # --- the output directory ------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _write_shard(path: Path, samples: list[_Sample], features: list[torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -194,11 +189,7 @@ def _write_shard(path: Path, samples: list[_Sample], features: list[torch.Tensor
         "features": torch.cat(features).contiguous(),
         "offsets": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    # safetensors creates its files 0600; give shards the mode an ordinary file here (meta.json) has.
-    os.chmod(tmp, (path.parent / META).stat().st_mode & 0o777)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _append_shard(out: Path, meta: dict, samples: list[_Sample], features: list[torch.Tensor], start: int, end: int) -> None:
@@ -214,7 +205,7 @@ def _append_shard(out: Path, meta: dict, samples: list[_Sample], features: list[
     meta["samples"] += len(samples)
     meta["tokens"] += sum(len(s.input_ids) for s in samples)
     meta["loss_tokens"] += sum(sum(s.loss_mask) for s in samples)
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -239,7 +230,7 @@ def _open_out_dir(out: Path, header: dict) -> dict:
     """The meta to continue from: the directory's own if it was made with the same settings,
     else a fresh one. Shard files that meta does not list (a killed run's) are removed."""
     if out.exists() and not out.is_dir():
-        raise TurboLMError(f"--out {out} is a file; give a directory")
+        raise ParameterError(f"{{}} {out} is a file; give a directory", "out")
     out.mkdir(parents=True, exist_ok=True)
     if (out / META).is_file():
         meta = read_meta(out)
@@ -250,7 +241,7 @@ def _open_out_dir(out: Path, header: dict) -> dict:
     else:
         strangers = sorted(p.name for p in out.iterdir() if not _OURS.fullmatch(p.name))
         if strangers:
-            raise TurboLMError(f"{out} holds other files ({strangers[0]}, ...) and no {META}; use a new or empty --out")
+            raise ParameterError(f"{out} holds other files ({strangers[0]}, ...) and no {META}; use a new or empty {{}}", "out")
         meta = {**header, "rows_total": 0, "rows_done": 0, "samples": 0, "tokens": 0, "loss_tokens": 0,
                 "skipped": {}, "shards": [], "complete": False}
     listed = {s["file"] for s in meta["shards"]}
@@ -371,7 +362,7 @@ def _check_settings(max_samples, max_length, batch_size, shard_size, regen_max_n
     for name, value, low in (("max_samples", max_samples, 1), ("max_length", max_length, 2), ("batch_size", batch_size, 1),
                              ("shard_size", shard_size, 1), ("regen_max_new_tokens", regen_max_new_tokens, 1)):
         if value is not None and value < low:
-            raise TurboLMError(f"{name.replace('_', '-')} must be >= {low}, got {value}")
+            raise ParameterError(f"{{}} must be >= {low}, got {value}", name)
 
 
 def prepare_features(
@@ -428,7 +419,7 @@ def prepare_features(
                   file=sys.stderr)
         return meta
     meta["rows_total"] = len(rows)
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     prep = _Preparation(model, tokenizer, rows, out, meta, batch_size=batch_size, shard_size=shard_size)
     if progress and meta["rows_done"] < len(rows):
         print(prep.estimate(), file=sys.stderr)
@@ -436,7 +427,7 @@ def prepare_features(
               file=sys.stderr) as bar:
         prep.run(bar)
     meta["complete"] = True
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     return meta
 
 
@@ -583,7 +574,7 @@ def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int 
     out = Path(out_dir).expanduser()
     meta = _open_out_dir(out, header)
     meta["rows_total"] = len(samples)
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     features_dtype = getattr(torch, header["features_dtype"])
     with tqdm(total=len(samples), initial=meta["rows_done"], unit="sample", desc="features", disable=not progress,
               file=sys.stderr) as bar:
@@ -593,5 +584,5 @@ def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int 
             _append_shard(out, meta, chunk, features, meta["rows_done"], meta["rows_done"] + len(chunk))
             bar.update(len(chunk))
     meta["complete"] = True
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     return meta

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.errors import ParameterError, TurboLMError
 from ...core.io import atomic_write
-from ...core.errors import TurboLMError
 from ...core.kernels import linear as fast_linear
 from ...core.models import identity_mismatch, model_identity
 
@@ -255,10 +255,10 @@ SHIPPED_DRAFTS = {"jakiro": "jakiro-smollm2-135m", "eagle2": "eagle2-smollm2-135
 
 
 def shipped_draft(arch: str) -> Path:
-    """The draft shipped with turbolm for the default model (trained by the recipe in the README)."""
+    """The draft shipped with turbolm for the default model (trained by the recipe in docs/speculative.md)."""
     path = SHIPPED / SHIPPED_DRAFTS[arch]
     if not (path / "model.safetensors").is_file():
-        raise TurboLMError(f"no shipped {arch} draft at {path}; train one (`turbolm draft train`) and pass --draft DIR")
+        raise ParameterError(f"no shipped {arch} draft at {path}; train one (`turbolm draft train`) and pass {{}} DIR", "draft")
     return path
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...core.errors import TurboLMError
+from ...core.errors import ParameterError, TurboLMError
 from ...core.io import load_training_state, save_training_state
 from .model import DraftConfig, DraftModel, KVCache
 
@@ -259,11 +259,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     dataset = FeatureDataset(cfg.data)
     n = len(dataset)
     if n <= cfg.eval_samples:
-        raise TurboLMError(f"{cfg.data} has {n} samples; need more than --eval-samples ({cfg.eval_samples})")
+        raise ParameterError(f"{cfg.data} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
     if resume and not (out / "latest.json").is_file():
-        raise TurboLMError(f"nothing to resume in {out} (no latest.json); start without --resume")
+        raise ParameterError(f"nothing to resume in {out} (no latest.json); start without {{}}", "resume")
     if not resume and (out / "latest.json").is_file():
-        raise TurboLMError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        raise ParameterError(f"{out} already holds a training run; pass {{}} to continue it or choose another {{}}", "resume", "out")
     out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core.errors import TurboLMError
+from ...core.errors import ParameterError, TurboLMError
 from ...core.generation import forward
 from ..cache import new_tree_cache, truncate
 from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention, model_attention_mask
@@ -87,7 +87,7 @@ def truncated_draft(model, n_layers: int):
     if layers is None:
         raise TurboLMError(f"cannot build a truncated draft from {type(model).__name__}: no model.layers")
     if not 1 <= n_layers < len(layers):
-        raise TurboLMError(f"--draft-layers must be in [1, {len(layers) - 1}] for this model, got {n_layers}")
+        raise ParameterError(f"{{}} must be in [1, {len(layers) - 1}] for this model, got {n_layers}", "draft_layers")
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}  # share, do not copy
     draft = copy.deepcopy(model, memo)
     draft.model.layers = draft.model.layers[:n_layers]

@@ -1,4 +1,4 @@
-"""``turbolm prune ...``: the FTP steps as commands (registered by turbolm.cli)."""
+"""``turbolm prune search | train | generate | bench | report``: the FTP steps as commands."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError
+from .common import add_model_args, load_model, read_prompt, write_out
+
+#: PrunerSpec parameters spelled otherwise on this command line
+FLAGS = {"checkpoint": "--pruner", "method": "--router"}
 
 STEPS_HELP = """FTP token-wise pruning, in four steps:
   search    genetic search of the per-block sparsity schedule (mean = --sparsity) with the static router,
@@ -18,12 +22,6 @@ STEPS_HELP = """FTP token-wise pruning, in four steps:
             the router's score passes the threshold)
   bench     prefill wall-clock, dense vs pruned, and the token sparsity achieved
   report    accuracy-retention table and plot from `turbolm eval` results of pruned models"""
-
-
-def _model_args(p) -> None:
-    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
 
 
 def _data_args(p) -> None:
@@ -67,7 +65,8 @@ def register(sub) -> None:
     s.add_argument("--resume", action="store_true", help="continue a search saved in --out")
     _data_args(s)
     _ga_args(s, generations=10)
-    _model_args(s)
+    add_model_args(s, fast_cpu=False)
+    s.set_defaults(run=cmd_search, flags=FLAGS)
 
     t = steps.add_parser("train", help="train the learned router, fine-tune the schedule, write a pruner checkpoint",
                          description="Train FTP's global router (LLM frozen) for a schedule from `prune search` (or a "
@@ -97,7 +96,8 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _data_args(t)
     _ga_args(t, generations=5)
-    _model_args(t)
+    add_model_args(t, fast_cpu=False)
+    t.set_defaults(run=cmd_train, flags=FLAGS)
 
     g = steps.add_parser("generate", help="greedy generation with a pruner; prints the token sparsity achieved")
     g.add_argument("--prompt", required=True, help="the user prompt ('-' reads standard input)")
@@ -105,7 +105,8 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _pruner_args(g)
-    _model_args(g)
+    add_model_args(g, fast_cpu=False)
+    g.set_defaults(run=cmd_generate, flags=FLAGS)
 
     b = steps.add_parser("bench", help="prefill seconds dense vs pruned (interleaved, median), speed-up, sparsity")
     b.add_argument("--prompt-length", type=int, action="append", required=True,
@@ -114,51 +115,37 @@ def register(sub) -> None:
     b.add_argument("--repeat", type=int, default=3, help="timed runs of each (default: 3)")
     b.add_argument("--json", action="store_true", help="print one JSON object (a list for several lengths)")
     _pruner_args(b)
-    _model_args(b)
+    add_model_args(b, fast_cpu=False)
+    b.set_defaults(run=cmd_bench, flags=FLAGS)
 
     r = steps.add_parser("report", help="the accuracy-retention table and plot from `turbolm eval --out` files",
                          description="Reads every eval JSON in --results (one dense run, pruned runs from `turbolm "
                                      "eval --pruner/--baseline`), writes report.md, report.json and retention.png.")
     r.add_argument("--results", required=True, help="folder of `turbolm eval --json --out` files")
     r.add_argument("--out", default=None, help="output folder (default: --results)")
+    r.set_defaults(run=cmd_report)
 
 
-def _load(args):
-    from ..core.models import load_target
-
-    return load_target(args.model, dtype=args.dtype, device=args.device)
-
-
-def build_pruner(args, model):
-    """A TokenPruner from --pruner / --router / --sparsity / --schedule."""
-    from .checkpoint import load_pruner
-    from .router import make_router
-    from .search import read_schedule
-    from .skipping import TokenPruner, decoder_layers
+def pruner_spec(args):
+    """The PrunerSpec of --pruner / --router / --sparsity / --schedule / --dense-kv."""
+    from ..pruning import PrunerSpec
 
     if args.pruner:
-        return load_pruner(args.pruner, model, router=args.router, dense_kv=True if args.dense_kv else None)
-    if args.router in (None, "learned", "mod"):
-        raise TurboLMError("give --pruner CKPT, or --router static|random with --sparsity S (or --schedule FILE)")
-    if args.schedule:
-        schedule = read_schedule(args.schedule)
-    elif args.sparsity is not None:
-        schedule = [args.sparsity] * len(decoder_layers(model))
-    else:
-        raise TurboLMError(f"--router {args.router} needs --sparsity S or --schedule FILE")
-    return TokenPruner(model, make_router(args.router), schedule, dense_kv=args.dense_kv)
+        return PrunerSpec(checkpoint=args.pruner, router=args.router, dense_kv=args.dense_kv).check()
+    return PrunerSpec(method=args.router or "ftp", sparsity=args.sparsity, schedule=args.schedule,
+                      dense_kv=args.dense_kv).check()
 
 
 def _search_config(args):
-    from .genetic import SearchConfig
+    from ..pruning.genetic import SearchConfig
 
     return SearchConfig(population=args.population, generations=args.generations, mutation=args.mutation,
                         max_sparsity=args.max_block_sparsity, seed=args.seed)
 
 
 def _chunks_and_reference(args, model, tokenizer, max_train=None):
-    from .calibration import DenseReference
-    from .data import pack_rows
+    from ..pruning.calibration import DenseReference
+    from ..pruning.data import pack_rows
 
     chunks = pack_rows(tokenizer, args.data, args.seq_len, args.calibration, max_train=max_train)
     print(f"data: {chunks.describe()}", file=sys.stderr)
@@ -167,15 +154,15 @@ def _chunks_and_reference(args, model, tokenizer, max_train=None):
 
 def _check_sparsity(s: float) -> None:
     if not 0.0 < s < 0.9:
-        raise TurboLMError(f"--sparsity {s}: give a mean token sparsity in (0, 0.9), e.g. 0.3")
+        raise ParameterError(f"{{}} {s}: give a mean token sparsity in (0, 0.9), e.g. 0.3", "sparsity")
 
 
 def cmd_search(args) -> int:
-    from .router import make_router
-    from .search import run_search
+    from ..pruning.router import make_router
+    from ..pruning.search import run_search
 
     _check_sparsity(args.sparsity)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     _, reference = _chunks_and_reference(args, model, tokenizer, max_train=0)
     result = run_search(model, make_router(args.router, seed=args.seed), reference, args.sparsity, args.out,
                         _search_config(args), resume=args.resume, first_block_dense=args.first_block_dense)
@@ -185,76 +172,48 @@ def cmd_search(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dataclasses import replace
-
-    from .checkpoint import pruner_config, save_pruner
-    from .factors import FACTOR_NAMES
-    from .router import StaticRouter
-    from .genetic import uniform_schedule
-    from .search import read_schedule, run_search
-    from .skipping import TokenPruner, decoder_layers
-    from .train import RouterTrainConfig, train_router
+    from ..pruning.factors import FACTOR_NAMES
+    from ..pruning.genetic import uniform_schedule
+    from ..pruning.search import read_schedule
+    from ..pruning.skipping import decoder_layers
+    from ..pruning.train import RouterTrainConfig, train_pruner
 
     _check_sparsity(args.sparsity)
-    model, tokenizer = _load(args)
-    out = Path(args.out)
+    inputs = [f for f in FACTOR_NAMES if f not in args.drop_factor]
+    if not inputs:
+        raise ParameterError("{} removed every router input", "drop_factor")
+    model, tokenizer = load_model(args)
     n = len(decoder_layers(model))
     schedule = read_schedule(args.schedule) if args.schedule else uniform_schedule(n, args.sparsity)
     if len(schedule) != n or abs(sum(schedule) / n - args.sparsity) > 1e-3:
-        raise TurboLMError(f"the schedule in {args.schedule} has {len(schedule)} blocks of mean "
-                           f"{sum(schedule) / len(schedule):.3f}; the model has {n} and --sparsity is {args.sparsity}")
+        raise ParameterError(f"the schedule in {args.schedule} has {len(schedule)} blocks of mean "
+                             f"{sum(schedule) / len(schedule):.3f}; the model has {n} and {{}} is {args.sparsity}",
+                             "sparsity")
     chunks, reference = _chunks_and_reference(args, model, tokenizer, max_train=args.max_train_chunks)
-    inputs = [f for f in FACTOR_NAMES if f not in args.drop_factor]
-    if not inputs:
-        raise TurboLMError("--drop-factor removed every router input")
     cfg = RouterTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sparsity_weight=args.sparsity_weight,
                             guide_weight=args.guide_weight, guide_steps=args.guide_steps or max(1, args.steps // 2),
                             inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last, init=args.init,
                             save_every=args.save_every, seed=args.seed)
-    with TokenPruner(model, StaticRouter(), schedule, dense_kv=args.dense_kv) as static:
-        static_kl = reference.kl(static)
-    initial = None
-    if args.router == "mod":
-        from .router import HiddenStateRouter
-
-        initial = HiddenStateRouter(model.config.hidden_size, n, threshold=cfg.threshold)
-    router, summary = train_router(model, chunks.train, schedule, out, cfg, reference=reference, resume=args.resume,
-                                   router=initial)
-    trained_kl = summary.get("best_heldout_kl")
-    final = schedule
-    finetune = None
-    if args.finetune_generations > 0:
-        search_cfg = replace(_search_config(args), generations=args.finetune_generations, seed=args.seed + 1)
-        result = run_search(model, router, reference, args.sparsity, out / "finetune.json", search_cfg,
-                            initial=[schedule], resume=args.resume, dense_kv=args.dense_kv)
-        final = result.best
-        finetune = {"generations": args.finetune_generations, "kl_before": -result.history[0]["best"]
-                    if result.history else None, "kl_after": -result.best_fitness}
-    with TokenPruner(model, router, final, dense_kv=args.dense_kv) as learned:
-        final_kl = reference.kl(learned)
-    info = {"training": {**summary, "config": cfg.__dict__, "data": str(args.data), "seq_len": args.seq_len,
-                         "train_chunks": len(chunks.train)},
-            "heldout_kl": {"static_router_searched_schedule": round(static_kl, 5),
-                           "learned_router_before_finetune": trained_kl, "final": round(final_kl, 5)},
-            "search_schedule": args.schedule, "finetune": finetune,
-            "calibration": {"chunks": args.calibration, "seq_len": args.seq_len, "score_last": reference.score_last}}
-    config = pruner_config(model, router, final, target_sparsity=args.sparsity, dense_kv=args.dense_kv, **info)
-    save_pruner(out, config, router)
-    print(json.dumps({"out": str(out), **info["heldout_kl"]}))
+    info = train_pruner(model, chunks, reference, args.out, schedule, cfg, target_sparsity=args.sparsity,
+                        router_kind=args.router, search_config=_search_config(args),
+                        finetune_generations=args.finetune_generations, resume=args.resume,
+                        provenance={"training": {"data": str(args.data), "seq_len": args.seq_len},
+                                    "search_schedule": args.schedule})
+    print(json.dumps({"out": str(args.out), **info["heldout_kl"]}))
     return 0
 
 
 def cmd_generate(args) -> int:
     from ..core.chat import encode_prompt
     from ..core.generation import generate
+    from ..pruning import build_pruned
 
-    model, tokenizer = _load(args)
-    pruner = build_pruner(args, model)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    ids = encode_prompt(tokenizer, prompt, chat=not args.raw)
+    spec = pruner_spec(args)
+    model, tokenizer = load_model(args)
+    pruner = build_pruned(model, tokenizer, spec)
+    ids = encode_prompt(tokenizer, read_prompt(args.prompt), chat=not args.raw)
     with pruner:
-        res = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
-                       on_text=None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
+        res = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, on_text=None if args.json else write_out)
     stats = pruner.stats.to_json()
     if args.json:
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
@@ -268,10 +227,12 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from ..core.machine import describe_machine
     from ..core.models import describe_model
-    from .bench import prefill_benchmark, prompt_ids
+    from ..pruning import build_pruned
+    from ..pruning.bench import prefill_benchmark, prompt_ids
 
-    model, tokenizer = _load(args)
-    pruner = build_pruner(args, model)
+    spec = pruner_spec(args)
+    model, tokenizer = load_model(args)
+    pruner = build_pruned(model, tokenizer, spec).patch
     rows = []
     for n in args.prompt_length:
         ids, source = prompt_ids(tokenizer, n, args.text_file)
@@ -290,7 +251,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from ..pruning.report import write_report
 
     out = args.out or args.results
     write_report(args.results, out)
@@ -298,9 +259,3 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "train": cmd_train, "generate": cmd_generate, "bench": cmd_bench,
-            "report": cmd_report}
-
-
-def run(args) -> int:
-    return COMMANDS[args.prune_command](args)

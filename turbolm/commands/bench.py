@@ -1,0 +1,71 @@
+"""``turbolm bench spec``: Spec-Bench - every decoding method on the same questions, in one process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..core.errors import ParameterError
+from .common import add_model_args
+
+#: SpecBenchConfig parameters spelled otherwise on this command line
+FLAGS = {"drafts": "--draft"}
+
+
+def register(sub) -> None:
+    from ..bench.specbench import METHODS
+
+    b = sub.add_parser("bench", help="benchmarks")
+    kinds = b.add_subparsers(dest="bench_command", required=True)
+    p = kinds.add_parser("spec", help="Spec-Bench: speedup, tau and losslessness of every decoding method on the same questions")
+    p.add_argument("--questions", required=True, help="Spec-Bench jsonl: question_id, category, turns (list of strings)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} "
+                   "(default: all; vanilla, the baseline, always runs)")
+    p.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
+                   help="draft checkpoint for eagle2 or jakiro (repeatable; default: the shipped one)")
+    add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per turn (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (after --categories)")
+    p.add_argument("--per-category", type=int, default=None, help="only the first N questions of each category")
+    p.add_argument("--tree", choices=["auto", "fixed"], default=None,
+                   help="auto (default unless --total-tokens/--depth/--top-k): eagle2 / jakiro trees sized for this "
+                        "machine as `generate` does; fixed: each method's default tree or the flags below")
+    p.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
+    p.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree (default: each method's own)")
+    p.add_argument("--depth", type=int, default=None, help="most levels in a draft tree (default: each method's own)")
+    p.add_argument("--top-k", type=int, default=None, help="branches per tree node (default: each method's own)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions per method (default: 1)")
+    p.add_argument("--out", default="runs/spec_bench", help="output directory (default: runs/spec_bench)")
+    p.set_defaults(run=run, flags=FLAGS)
+
+
+def run(args) -> int:
+    from ..bench.specbench import SpecBenchConfig, run_spec_bench
+
+    drafts = {}
+    for d in args.draft:
+        name, sep, path = d.partition("=")
+        if not sep or not name or not path:
+            raise ParameterError(f"{{}} {d!r}: expected NAME=DIR, e.g. {{}} jakiro=runs/my_jakiro", "drafts", "drafts")
+        drafts[name.strip()] = path
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    manual = any(v is not None for v in (args.total_tokens, args.depth, args.top_k))
+    config = SpecBenchConfig(
+        questions=args.questions, out=args.out, methods=args.methods.split(","), model=args.model, device=args.device,
+        dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
+        top_k=args.top_k, warmup=args.warmup, fast_cpu=args.fast_cpu, per_category=args.per_category,
+        tree=args.tree or ("fixed" if manual else "auto"),
+    )
+    report = run_spec_bench(config, progress=True)
+    print((Path(args.out) / "report.md").read_text())
+    if report["lossless"]["ok"] is False:
+        print(f"turbolm: warning: {report['lossless']['ours_differing']} output(s) of turbolm's methods differ from "
+              f"vanilla; see {args.out}/report.md", file=sys.stderr)
+    if report["interrupted"]:
+        print(f"\nturbolm: interrupted; the report in {args.out} covers {report['questions_measured']} question(s)",
+              file=sys.stderr)
+        return 130
+    return 0
