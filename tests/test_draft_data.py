@@ -189,7 +189,7 @@ def test_out_dir_of_another_preparation_is_an_error(tmp_path, tiny_dir):
     out = tmp_path / "out"
     meta = prepare(tiny_dir, rows, out)
     other = make_model_dir(tmp_path / "other", seed=1)
-    with pytest.raises(TurboLMError, match="belongs to another preparation .*target.*use another --out"):
+    with pytest.raises(TurboLMError, match="belongs to another preparation .*target.*use another out"):
         prepare(other, rows, out)
     with pytest.raises(TurboLMError, match="max_length differs"):
         prepare(tiny_dir, rows, out, max_length=100)

@@ -59,7 +59,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(prepared, tmp_path, 
     part = tmp_path / "part"
     r = train(config(prepared, part, tiny_dir, epochs=2, max_steps=7), progress=False)  # "killed" after step 7
     assert not r["finished"] and r["step"] == 7
-    with pytest.raises(TurboLMError, match="--resume"):
+    with pytest.raises(TurboLMError, match="pass resume to continue it"):
         train(config(prepared, part, tiny_dir, epochs=2), progress=False)
     with pytest.raises(TurboLMError, match="other settings"):
         train(config(prepared, part, tiny_dir, epochs=2, lr=1e-3), resume=True, progress=False)

@@ -236,7 +236,7 @@ def test_malformed_rows_name_the_file_and_line(tmp_path):
         assert str(path) in str(e.value) and message in str(e.value)
     with pytest.raises(TurboLMError, match="empty.jsonl holds no items"):
         load_task_file(write_jsonl(tmp_path / "empty.jsonl", []))
-    with pytest.raises(TurboLMError, match=r"data file not found: .*--data-dir"):
+    with pytest.raises(TurboLMError, match=r"data file not found: .*give data_dir DIR, or task_paths piqa=FILE"):
         load_task("piqa", data_dir=tmp_path)
     with pytest.raises(TurboLMError, match="unknown task 'nope'"):
         load_task("nope", data_dir=tmp_path)

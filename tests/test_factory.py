@@ -90,7 +90,8 @@ def _seed_tree_cache(model, tok, spec, grid, tmp_path, monkeypatch):
 
 
 def test_cli_and_benchmark_build_the_same_decoder(tiny, tiny_dir, jakiro_dir, tmp_path, monkeypatch):
-    from turbolm.bench.specbench import SpecBenchConfig, decoder_spec as bench_decoder_spec
+    from turbolm.bench.specbench import SpecBenchConfig
+    from turbolm.bench.specbench import decoder_spec as bench_decoder_spec
 
     model, tok = tiny
     args = build_parser().parse_args(["generate", "--prompt", "x", "--speculative", "jakiro", "--draft", str(jakiro_dir)])

@@ -74,7 +74,7 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg(model_cls) -> str:
     # transformers renamed `past_key_values` to `cache` after 5.17; accept both.
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"

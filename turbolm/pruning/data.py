@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chat import encode_chat
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import ParameterError
 from ..core.rows import SkipRow, read_rows, row_messages
 
 
@@ -56,8 +56,8 @@ def pack_rows(tokenizer, path: str | os.PathLike, seq_len: int, calibration: int
     n = len(stream) // seq_len
     least = calibration + (0 if max_train == 0 else 1)
     if n < least:
-        raise TurboLMError(f"{path} gives {n} chunks of {seq_len} tokens; need at least {least} "
-                           f"({calibration} for calibration): give more rows or a smaller --seq-len")
+        raise ParameterError(f"{path} gives {n} chunks of {seq_len} tokens; need at least {least} "
+                             f"({calibration} for calibration): give more rows or a smaller {{}}", "seq_len")
     ids = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
     calib, train = ids[:calibration], ids[calibration:]
     if max_train is not None:

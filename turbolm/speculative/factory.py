@@ -12,7 +12,7 @@ for vanilla) and ``tree_choice`` (what ``--tree auto`` chose and why, else None)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ParameterError
@@ -150,7 +150,3 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
     draft_id = f"model:{ident['embedding_sha256']}:{ident['num_hidden_layers']}"
     return ModelProposer(draft, draft_tokenizer), draft_id, lambda: None
 
-
-def with_method(spec: DecoderSpec, method: str, draft: str | None = None) -> DecoderSpec:
-    """``spec`` for another method (the Spec-Bench runner builds several from one set of options)."""
-    return replace(spec, method=method, draft=draft)

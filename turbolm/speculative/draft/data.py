@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ...core.chat import encode_chat
-from ...core.errors import ParameterError, TurboLMError
+from ...core.errors import DataError, ParameterError, TurboLMError
 from ...core.generation import FeatureCapture, context_length, eos_token_ids
 from ...core.io import atomic_write, write_json
 from ...core.models import load_target, model_identity
@@ -169,8 +169,8 @@ def extract_features(model, sequences: list[list[int]], *, batch_size: int, dtyp
                   logits_to_keep=1)
             batch_features = capture.features.to("cpu", dtype)
             if not torch.isfinite(batch_features).all():
-                raise TurboLMError(f"the target's features overflow {str(dtype).replace('torch.', '')}; "
-                                   "prepare with --dtype bfloat16")
+                raise ParameterError(f"the target's features overflow {str(dtype).replace('torch.', '')}; "
+                                     "prepare with {} bfloat16", "dtype")
             for r, i in enumerate(batch):
                 features[i] = batch_features[r, : lengths[r]].clone()  # a view would keep the padded batch alive
     return features
@@ -236,8 +236,8 @@ def _open_out_dir(out: Path, header: dict) -> dict:
         meta = read_meta(out)
         for key in RESUME_KEYS:
             if meta.get(key) != header[key]:
-                raise TurboLMError(f"{out} belongs to another preparation ({key} differs: {_short(meta.get(key))} "
-                                   f"there, {_short(header[key])} now); use another --out")
+                raise ParameterError(f"{out} belongs to another preparation ({key} differs: {_short(meta.get(key))} "
+                                     f"there, {_short(header[key])} now); use another {{}}", "out")
     else:
         strangers = sorted(p.name for p in out.iterdir() if not _OURS.fullmatch(p.name))
         if strangers:
@@ -398,7 +398,7 @@ def prepare_features(
     model, tokenizer = load_target(target_source, dtype=dtype, device=device)
     ctx = context_length(model, tokenizer)
     if ctx is not None and max_length > ctx:
-        log.warning("turbolm: --max-length %d exceeds the target's context; using %d", max_length, ctx)
+        log.warning("turbolm: max_length %d exceeds the target's context; using %d", max_length, ctx)
         max_length = ctx
     header = {
         "format": FORMAT,
@@ -443,8 +443,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.directory = Path(directory)
         self.meta = read_meta(self.directory)
         if not self.meta.get("complete"):
-            raise TurboLMError(f"{self.directory} is an unfinished preparation ({self.meta.get('rows_done')} of "
-                               f"{self.meta.get('rows_total')} rows); rerun `turbolm draft prepare` with the same --out to finish it")
+            raise DataError(f"{self.directory} is an unfinished preparation ({self.meta.get('rows_done')} of "
+                            f"{self.meta.get('rows_total')} rows); rerun `turbolm draft prepare` into it to finish it")
         missing = [s["file"] for s in self.meta["shards"] if not (self.directory / s["file"]).is_file()]
         if missing:
             raise TurboLMError(f"{self.directory} lacks {missing[0]}; prepare it again")
