@@ -57,7 +57,13 @@ def setups(tiny_dirs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mistral-window", "qwen2-mixed-window", "gemma2", "gemma3"])
+# ~12 s each with their 12 prompts: the three full-prompt architectures run with the slow tests
+FULL = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=FULL), pytest.param("qwen2", marks=FULL),
+                                  pytest.param("mistral", marks=FULL), "mistral-window", "qwen2-mixed-window", "gemma2",
+                                  "gemma3"])
 def test_greedy_is_identical_to_vanilla(setups, name):
     target, tok, proposers = setups[name]
     prompts = PROMPTS if name in ("llama", "qwen2", "mistral") else PROMPTS[:6]
@@ -218,6 +224,7 @@ def sampling_setup(setups):
     return vanilla, run_spec
 
 
+@pytest.mark.slow  # ~14 s: thousands of sampled steps (tests/test_verify.py checks the rule itself, fast)
 def test_speculative_sampling_keeps_the_target_distribution(sampling_setup):
     vanilla, run_spec = sampling_setup
     for ours, theirs in zip(run_spec(), vanilla):
@@ -225,6 +232,7 @@ def test_speculative_sampling_keeps_the_target_distribution(sampling_setup):
         assert df >= 5 and stat < chi2_critical(df), (stat, df)
 
 
+@pytest.mark.slow  # ~14 s
 def test_sampling_test_fails_for_a_wrong_acceptance_rule(sampling_setup, monkeypatch):
     def wrong(tree, target_probs, generator=None):
         # Accepts the draft's first candidate too often: uses p(x) / q(x) with a wrong q = 0.5.
