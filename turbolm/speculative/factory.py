@@ -107,7 +107,7 @@ def build_decoder(model, tokenizer, spec: DecoderSpec, *, log: Callable[[str], N
     )
     decoder = SpeculativeGenerator(model, tokenizer, proposer, tree)
     if spec.auto_tree:
-        decoder.tree_choice = auto_tree(decoder, acceptance=acceptance(), draft_id=draft_id, log=log,
+        decoder.tree_choice = auto_tree(decoder, acceptance=acceptance, draft_id=draft_id, log=log,
                                         grid=grid or SizingGrid())
     return decoder
 
@@ -121,11 +121,11 @@ def tree_cache_key(model, tokenizer, spec: DecoderSpec, grid: SizingGrid | None 
 
 def _proposer(model, tokenizer, spec: DecoderSpec):
     """``(proposer, draft_id, acceptance)``: ``draft_id`` names the draft's content for the timing
-    cache; ``acceptance()`` gives the statistics stored with a draft checkpoint, if they apply."""
+    cache; ``acceptance``: the statistics stored with a draft checkpoint, if they apply (else None)."""
     from .proposers import ModelProposer, PromptLookupProposer
 
     if spec.method == "prompt-lookup":
-        return PromptLookupProposer(), "prompt-lookup", lambda: None
+        return PromptLookupProposer(), "prompt-lookup", None
     if spec.method in DRAFT_METHODS:
         from ..core.io import file_sha256
         from .draft.model import load_draft, shipped_draft
@@ -135,11 +135,11 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         overrides = {"candidate_mode": spec.candidate_mode} if spec.candidate_mode else {}
         draft = load_draft(path, model, overrides=overrides)
         draft_id = f"{spec.method}:{file_sha256(path / 'model.safetensors')[:16]}:{spec.candidate_mode}"
-        return JakiroProposer(draft, model), draft_id, lambda: stored_acceptance(path, overrides)
+        return JakiroProposer(draft, model), draft_id, stored_acceptance(path, overrides)
     if spec.draft_layers:
         from .proposers.small_model import truncated_draft
 
-        return ModelProposer(truncated_draft(model, spec.draft_layers), tokenizer), f"layers:{spec.draft_layers}", lambda: None
+        return ModelProposer(truncated_draft(model, spec.draft_layers), tokenizer), f"layers:{spec.draft_layers}", None
     from ..core.kernels import is_optimized, optimize_for_small_batches
     from ..core.models import load_target, model_identity
 
@@ -148,5 +148,5 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         optimize_for_small_batches(draft)
     ident = model_identity(draft)
     draft_id = f"model:{ident['embedding_sha256']}:{ident['num_hidden_layers']}"
-    return ModelProposer(draft, draft_tokenizer), draft_id, lambda: None
+    return ModelProposer(draft, draft_tokenizer), draft_id, None
 
