@@ -290,3 +290,25 @@ def test_features_from_exported_tokens(tiny_dir, tmp_path):
     rc = main(["draft", "prepare", "--target", str(tiny_dir), "--from-tokens", str(tmp_path / "tokens.safetensors"),
                "--out", str(tmp_path / "cli"), "--regenerate"])
     assert rc == 2
+
+
+def test_regen_dtype_writes_answers_with_another_precision_copy(tmp_path, tiny_dir):
+    """--regen-dtype: the answers come from a bfloat16 copy (recorded in meta, part of what a
+    resume must agree on); the features are still the float32 target's."""
+    rows = write_json(tmp_path / "d.json", ALPACA[:2] + SHAREGPT)
+    meta = prepare(tiny_dir, rows, tmp_path / "bf16", regenerate=True, regen_max_new_tokens=8, regen_dtype="bfloat16")
+    assert meta["regen_dtype"] == "bfloat16" and meta["features_dtype"] == "float16"
+    with pytest.raises(TurboLMError, match="regen_dtype differs"):
+        prepare(tiny_dir, rows, tmp_path / "bf16", regenerate=True, regen_max_new_tokens=8)
+    plain = prepare(tiny_dir, rows, tmp_path / "fp32", regenerate=True, regen_max_new_tokens=8)
+    assert plain["regen_dtype"] == "float32"
+
+
+def test_prompt_only_rows_are_regenerated(tmp_path, tiny_dir):
+    """ShareGPT first turns without an answer: usable with --regenerate, skipped without."""
+    rows = [{"conversations": [{"from": "human", "value": f"Tell me about number {i}."}]} for i in range(3)]
+    path = write_json(tmp_path / "d.json", rows)
+    meta = prepare(tiny_dir, path, tmp_path / "regen", regenerate=True, regen_max_new_tokens=6)
+    assert meta["samples"] == 3
+    meta = prepare(tiny_dir, path, tmp_path / "plain", shard_size=2)
+    assert meta["samples"] == 0 and meta["skipped"] == {"no_assistant_turn": 3}

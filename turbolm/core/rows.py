@@ -1,5 +1,7 @@
-"""Dataset rows: Alpaca (``instruction``/``input``/``output``) and ShareGPT (``conversations``)
-rows read from a JSON list or a JSON Lines file and turned into chat messages. Shared by the draft
+"""Dataset rows read from a JSON list or a JSON Lines file and turned into chat messages:
+Alpaca (``instruction``/``input``/``output``, also Dolly's ``context``/``response`` and
+GPTeacher's ``response``), ShareGPT (``conversations``), plain ``messages`` lists, question/answer
+rows (GSM8K: ``question``/``answer``) and MBPP (``text``/``code``/``test_list``). Shared by the draft
 data pipeline and the pruning calibration; a malformed row is skipped with a reason, never fatal."""
 
 from __future__ import annotations
@@ -68,15 +70,34 @@ def row_messages(row) -> list[dict]:
         raise SkipRow("not_an_object")
     if "conversations" in row:
         return _sharegpt(row["conversations"])
+    if "messages" in row:
+        return _sharegpt([{"from": m.get("role"), "value": m.get("content")} if isinstance(m, dict) else m
+                          for m in row["messages"]] if isinstance(row["messages"], list) else row["messages"])
     if "instruction" in row:
         return _alpaca(row)
+    if "question" in row and "answer" in row:  # GSM8K
+        return _pair(row["question"], row["answer"])
+    if "text" in row and "code" in row:  # MBPP: the task and its tests are the prompt
+        tests = row.get("test_list") or []
+        if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+            raise SkipRow("wrong_types")
+        prompt = row["text"] if not tests else f"{row['text']}\nYour code should pass these tests:\n" + "\n".join(tests)
+        return _pair(prompt, row["code"])
     raise SkipRow("missing_keys")
 
 
+def _pair(user, answer) -> list[dict]:
+    if not isinstance(user, str) or not isinstance(answer, str):
+        raise SkipRow("wrong_types")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
 def _alpaca(row: dict) -> list[dict]:
-    if "output" not in row:
+    """Alpaca; Dolly names the input ``context`` and the output ``response``, GPTeacher the output ``response``."""
+    output = row.get("output", row.get("response"))
+    if output is None:
         raise SkipRow("missing_keys")
-    instruction, extra, output = row["instruction"], row.get("input"), row["output"]
+    instruction, extra = row["instruction"], row.get("input", row.get("context"))
     extra = "" if extra is None else extra
     if not all(isinstance(x, str) for x in (instruction, extra, output)):
         raise SkipRow("wrong_types")
@@ -84,7 +105,7 @@ def _alpaca(row: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _sharegpt(turns) -> list[dict]:
+def _sharegpt(turns, answered: bool = True) -> list[dict]:
     if not isinstance(turns, list):
         raise SkipRow("wrong_types")
     if not turns:
@@ -104,8 +125,24 @@ def _sharegpt(turns) -> list[dict]:
     if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(body)):
         raise SkipRow("roles_out_of_order")
     if len(body) < 2:
+        if not answered and body:
+            return messages
         raise SkipRow("no_assistant_turn")
     return messages[: len(messages) - len(body) % 2]  # a trailing user turn has no answer to learn
+
+
+def row_prompt(row) -> list[dict]:
+    """The first question of a row, to be answered by a model: the optional system turn and the
+    first user turn. Unlike :func:`row_messages` it takes rows without an answer (ShareGPT
+    first turns)."""
+    try:
+        return first_exchange(row_messages(row))[:-1]
+    except SkipRow as s:
+        turns = row.get("conversations") if isinstance(row, dict) else None
+        if str(s) != "no_assistant_turn" or not isinstance(turns, list):
+            raise
+    messages = _sharegpt(turns, answered=False)
+    return messages[: 2 if messages[0]["role"] == "system" else 1]
 
 
 def first_exchange(messages: list[dict]) -> list[dict]:
