@@ -84,3 +84,135 @@ def test_chain_agreement_step1_matches_training_accuracy(prepared, tiny_dir):
         parts = draft_loss(draft, embed, head, collate([sample]), TrainConfig(data="", out="", noise=0.0))
     hits, total = chain_agreement(draft, embed, head, sample, depth=3)["agree"][1]
     assert total > 0 and abs(hits / total - float(parts["acc"])) < 1e-6
+
+
+def _pieces(tiny_dir, **overrides):
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel
+
+    target, _ = load_target(tiny_dir)
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig.for_target(target, **overrides)).eval()
+    return target, draft, target.get_input_embeddings(), target.get_output_embeddings().weight
+
+
+def test_unrolled_steps_equal_running_each_chain_alone(prepared, tiny_dir):
+    """Training-time test: step k of chain j is the draft run on true entries 0..j, then on its
+    own predicted features one entry at a time - exactly what a tree does."""
+    from turbolm.speculative.draft.data import FeatureDataset
+    from turbolm.speculative.draft.model import KVCache
+    from turbolm.speculative.draft.train import unrolled
+
+    _, draft, embed, _ = _pieces(tiny_dir)
+    s = FeatureDataset(prepared)[0]
+    ids, f = s["input_ids"], s["features"]
+    with torch.no_grad():
+        steps = {k: out.hidden[0] for k, out in unrolled(draft, embed, ids[None], f[None, :-1], 3)}
+        for j in (0, 4, 9):
+            cache = KVCache()
+            out = draft(embed(ids[None, 1 : j + 2]), f[None, : j + 1], torch.arange(j + 1)[None], cache)
+            hidden = out.hidden[:, -1:]
+            assert torch.allclose(hidden[0, 0], steps[1][j], atol=1e-5)
+            for k in (2, 3):
+                out = draft(embed(ids[None, j + k : j + k + 1]), hidden, torch.tensor([[j + k - 1]]), cache)
+                hidden = out.hidden
+                assert torch.allclose(hidden[0, 0], steps[k][j], atol=1e-5), (j, k)
+
+
+def test_training_time_test_loss_is_the_mean_over_steps(prepared, tiny_dir):
+    from turbolm.speculative.draft.data import FeatureDataset
+    from turbolm.speculative.draft.train import collate
+
+    _, draft, embed, head = _pieces(tiny_dir)
+    batch = collate([FeatureDataset(prepared)[i] for i in range(3)])
+    with torch.no_grad():
+        one = draft_loss(draft, embed, head, batch, TrainConfig(data="", out="", noise=0.0))
+        two = draft_loss(draft, embed, head, batch, TrainConfig(data="", out="", noise=0.0, ttt_steps=2))
+    assert "acc_2" in two and "acc_2" not in one
+    assert float(two["acc"]) == float(one["acc"])
+    # loss(2 steps) = (loss of step 1 + loss of step 2) / 2, and step 2 is not step 1 again
+    step2 = 2 * float(two["loss"]) - float(one["loss"])
+    assert step2 > 0 and abs(step2 - float(one["loss"])) > 1e-4
+
+
+def test_training_time_test_trains_and_records_later_steps(prepared, tmp_path, tiny_dir):
+    out = tmp_path / "ttt"
+    train(config(prepared, out, tiny_dir, epochs=1, ttt_steps=3, clip_mode="value", weight_decay=1e-3, init="target"),
+          progress=False)
+    rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("acc_3" in r for r in rows)
+    assert "experts" in rows[-1]["eval"] and -1 <= rows[-1]["eval"]["experts"]["cosine"] <= 1
+    assert load_draft(out).config.contrastive_pairing == "expert"
+    # init from a checkpoint: its weights and vocabulary are the start (lr 0 keeps them)
+    again = tmp_path / "again"
+    train(config(prepared, again, tiny_dir, epochs=1, init=str(out), lr=0.0), progress=False)
+    a, b = load_draft(out).state_dict(), load_draft(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TurboLMError, match="train with the same arch"):
+        train(config(prepared, tmp_path / "x", tiny_dir, init=str(out), arch="eagle2"), progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("ttt_steps", 0), ("clip_mode", "max"), ("init", "no/such/dir"),
+                                          ("contrastive_pairing", "other")])
+def test_bad_training_settings_name_the_parameter(prepared, tmp_path, tiny_dir, field, value):
+    with pytest.raises(TurboLMError, match=field):
+        train(config(prepared, tmp_path / "x", tiny_dir, **{field: value}), progress=False)
+
+
+def test_contrastive_pairing_follows_the_reference(tiny_dir):
+    """expert: value slot E+e belongs to expert e, whatever the mixture ranks first."""
+    _, draft, embed, _ = _pieces(tiny_dir, contrastive_pairing="expert")
+    H = draft.config.hidden_size
+    torch.manual_seed(3)
+    x, feats = torch.randn(1, 12, H), torch.randn(1, 12, H)
+    with torch.no_grad():
+        out = draft(x, feats, torch.arange(12)[None])
+        logits = draft.router(draft.post_attention_norm(out.residual))
+        v = logits[..., 2:].softmax(-1)
+        a = v.argmax(-1, keepdim=True)
+        e_a = torch.where(a == 0, out.experts[..., 0, :], out.experts[..., 1, :])
+        e_b = torch.where(a == 0, out.experts[..., 1, :], out.experts[..., 0, :])
+        expected = out.residual + v.max(-1, keepdim=True).values * e_a - v.min(-1, keepdim=True).values * e_b
+        assert torch.allclose(out.contrastive, expected, atol=1e-5)
+        # ranked (the first shipped drafts): slot e is the mixture's e-th expert, so the two agree
+        # exactly where the mixture ranks expert 0 first
+        draft.config.contrastive_pairing = "ranked"
+        ranked = draft(x, feats, torch.arange(12)[None])
+        same = (logits[..., 0] >= logits[..., 1])[0]
+        assert 0 < int(same.sum()) < 12
+        diff = (ranked.contrastive - out.contrastive).abs().amax(-1)[0]
+        assert (diff[same] < 1e-6).all() and (diff[~same] > 1e-6).all()
+
+
+def test_init_from_target_copies_the_last_layer(tiny_dir):
+    from turbolm.speculative.draft.model import init_from_target
+
+    for arch in ("eagle2", "jakiro"):
+        target, draft, _, _ = _pieces(tiny_dir, arch=arch)
+        done = init_from_target(draft, target)
+        layer = target.get_decoder().layers[-1]
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert p in done and torch.equal(getattr(draft, p).weight, getattr(layer.self_attn, p).weight)
+        H = draft.config.hidden_size
+        assert torch.equal(draft.fc.weight[:, H:], torch.eye(H))
+        if arch == "eagle2":
+            assert torch.equal(draft.mlp.up_proj.weight, layer.mlp.up_proj.weight)
+        else:
+            I = draft.config.expert_intermediate_size
+            copied = [n for n in done if n.startswith("experts.")]
+            assert copied, done
+            assert torch.equal(draft.experts[0].gate_proj.weight, layer.mlp.gate_proj.weight[:I])
+
+
+def test_expert_similarity_sees_identical_experts(prepared, tiny_dir):
+    from turbolm.speculative.draft.data import FeatureDataset
+    from turbolm.speculative.draft.train import expert_similarity
+
+    _, draft, embed, head = _pieces(tiny_dir)
+    sample = FeatureDataset(prepared)[0]
+    with torch.no_grad():
+        apart = expert_similarity(draft, embed, head, sample)
+        draft.experts[1].load_state_dict(draft.experts[0].state_dict())
+        alike = expert_similarity(draft, embed, head, sample)
+    assert apart["n"] == alike["n"] > 0
+    assert abs(alike["cosine"] / alike["n"] - 1) < 1e-5 and alike["top1_agree"] == alike["n"]
+    assert apart["cosine"] / apart["n"] < 0.9

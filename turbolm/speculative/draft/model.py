@@ -10,7 +10,10 @@ it into the distribution of ``x_{j+2}``.
   behind a linear router with ``num_experts + 2`` logits. The first ``num_experts`` weight the
   top-2 experts (``mixture`` output). The last two weight a *contrastive* output
   ``x + v_a E_a - v_b E_b`` that predicts the feature two steps ahead (``f_{j+2}``), so the
-  tree's last two levels cost one draft forward. In ``decoupled`` candidate mode each selected
+  tree's last two levels cost one draft forward. ``contrastive_pairing="expert"`` is the
+  reference's: value slot ``num_experts + e`` belongs to expert ``e`` (a = the expert whose value
+  is larger); ``"ranked"`` (the first shipped drafts) gives the larger value to the expert the
+  mixture router ranks first. In ``decoupled`` candidate mode each selected
   expert also gives its own feature ``x + E_e``, hence its own distribution.
 - ``arch="eagle2"``: the same code with one dense SwiGLU FFN and no contrastive branch.
 
@@ -37,6 +40,7 @@ from ...core.models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
 CANDIDATE_MODES = ("mixture", "decoupled")
+PAIRINGS = ("expert", "ranked")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class DraftConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     draft_vocab_size: int = 0  # 0: the target's full vocabulary
+    contrastive_pairing: str = "ranked"  # absent from the first checkpoints' configs, which were "ranked"
     target: dict = field(default_factory=dict)  # model_identity() of the target it was trained for
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class DraftConfig:
             raise TurboLMError(f"unknown draft architecture '{self.arch}'; use one of {', '.join(ARCHS)}")
         if self.candidate_mode not in CANDIDATE_MODES:
             raise TurboLMError(f"unknown candidate mode '{self.candidate_mode}'; use mixture or decoupled")
+        if self.contrastive_pairing not in PAIRINGS:
+            raise TurboLMError(f"unknown contrastive pairing '{self.contrastive_pairing}'; use expert or ranked")
         if self.arch == "jakiro" and self.num_experts < 2:
             raise TurboLMError("a Jakiro draft needs at least 2 experts")
         if self.arch == "eagle2" and self.candidate_mode != "mixture":
@@ -153,6 +160,8 @@ class DraftOutput:
     contrastive: torch.Tensor | None = None  # (B, T, H): predicted feature two steps ahead
     expert_hidden: torch.Tensor | None = None  # (B, T, 2, H): the two selected experts' own features
     expert_weights: torch.Tensor | None = None  # (B, T, 2): their mixture weights
+    experts: torch.Tensor | None = None  # (B, T, E, H): every expert's FFN output (before the residual)
+    residual: torch.Tensor | None = None  # (B, T, H): the stream the experts add to (x + E_e: expert e's feature)
 
 
 class DraftModel(nn.Module):
@@ -205,15 +214,17 @@ class DraftModel(nn.Module):
         outs = torch.stack([e(h) for e in self.experts], dim=-2)  # (B, T, E, H)
         sel = torch.gather(outs, -2, top.indices.unsqueeze(-1).expand(*top.indices.shape, outs.shape[-1]))
         hidden = x + (weights.unsqueeze(-1) * sel).sum(-2)
-        # Contrastive branch: the second router pair ranks the two selected experts (a first).
+        # Contrastive branch: a = the larger of the two values, b = the other; "expert": value slot
+        # e is expert e's (the reference), "ranked": slot e is the mixture's e-th ranked expert.
         v = logits[..., c.num_experts :].softmax(-1)
         a_first = (v[..., 0] >= v[..., 1]).unsqueeze(-1)
         v_a, v_b = v.max(-1).values.unsqueeze(-1), v.min(-1).values.unsqueeze(-1)
-        e_a = torch.where(a_first, sel[..., 0, :], sel[..., 1, :])
-        e_b = torch.where(a_first, sel[..., 1, :], sel[..., 0, :])
+        pair = outs[..., :2, :] if c.contrastive_pairing == "expert" else sel
+        e_a = torch.where(a_first, pair[..., 0, :], pair[..., 1, :])
+        e_b = torch.where(a_first, pair[..., 1, :], pair[..., 0, :])
         contrastive = x + v_a * e_a - v_b * e_b
         expert_hidden = x.unsqueeze(-2) + sel if c.candidate_mode == "decoupled" else None
-        return DraftOutput(hidden, contrastive, expert_hidden, weights)
+        return DraftOutput(hidden, contrastive, expert_hidden, weights, outs, x)
 
     def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of predicted features through the target's lm_head rows."""
@@ -248,6 +259,56 @@ class DraftModel(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
         atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
+
+
+@torch.no_grad()
+def init_from_target(draft: DraftModel, target) -> list[str]:
+    """Start the draft from the target's last decoder layer instead of noise: its attention
+    projections and, where the shapes allow, its FFN (EAGLE-2's dense FFN has the target's
+    shapes; Jakiro's expert e takes the target's FFN neurons ``e*I .. (e+1)*I``) and its
+    post-attention norm. ``fc`` passes the feature through (identity on the feature half, the
+    token half left random and scaled down), so the draft starts as the target's last layer
+    applied to the feature. Returns the names of the initialised draft parameters."""
+    layers = getattr(target.get_decoder(), "layers", None)
+    if not layers:
+        raise ParameterError("{} has no decoder layers to initialise a draft from", "target")
+    layer, done = layers[-1], []
+
+    def copy(dst: torch.Tensor, src, name: str, rows: slice | None = None, cols: slice | None = None):
+        if src is None:
+            return
+        w = src.weight if hasattr(src, "weight") else src
+        w = w[rows] if rows is not None else w
+        w = w[:, cols] if cols is not None else w
+        if tuple(w.shape) == tuple(dst.shape):
+            dst.copy_(w.to(dst.dtype))
+            done.append(name)
+
+    attn = getattr(layer, "self_attn", None)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        copy(getattr(draft, proj).weight, getattr(attn, proj, None), proj)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is not None and not type(norm).__name__.startswith("Gemma"):  # Gemma scales by 1 + weight
+        copy(draft.post_attention_norm.weight, norm, "post_attention_norm")
+    mlp = getattr(layer, "mlp", None)
+    if draft.config.arch == "eagle2":
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            copy(getattr(draft.mlp, proj).weight, getattr(mlp, proj, None), f"mlp.{proj}")
+    else:
+        size = draft.config.expert_intermediate_size
+        for e, expert in enumerate(draft.experts):
+            part = slice(e * size, (e + 1) * size)
+            for proj in ("gate_proj", "up_proj"):
+                copy(getattr(expert, proj).weight, getattr(mlp, proj, None), f"experts.{e}.{proj}", rows=part)
+            copy(expert.down_proj.weight, getattr(mlp, "down_proj", None), f"experts.{e}.down_proj", cols=part)
+    H = draft.config.hidden_size
+    draft.fc.weight[:, :H] *= 0.1
+    draft.fc.weight[:, H:] = torch.eye(H, dtype=draft.fc.weight.dtype)
+    draft.fc.bias.zero_()
+    done.append("fc")
+    if len(done) == 1:
+        raise ParameterError("the target's last layer matches none of the draft's shapes: start from noise ({} random)", "init")
+    return done
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"

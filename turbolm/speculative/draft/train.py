@@ -8,7 +8,9 @@ output predicts f_{j+2}. Loss (the paper's, weights are flags):
   + w_p * (CE(softmax(lm_head f_{j+1}), lm_head f_hat) + 0.5 * same for h_con)
 
 counted where the predicted token is an answer token, with uniform noise on the input
-features. The target's embedding and lm_head are frozen and never saved with the draft.
+features. With ``ttt_steps`` K > 1 (training-time test, EAGLE-3) the draft is also run on its
+own predicted features for K steps, as inside a tree, and the same loss is counted at every
+step (averaged over the steps), so agreement does not decay along the tree. The target's embedding and lm_head are frozen and never saved with the draft.
 Resume is exact: the training state (draft, AdamW moments, schedule, data position) is
 saved atomically in safetensors + JSON, data order and noise derive from (seed, epoch, step).
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from ...core.errors import ParameterError, TurboLMError
 from ...core.io import load_training_state, save_training_state
-from .model import DraftConfig, DraftModel, KVCache
+from .model import ARCHS, CANDIDATE_MODES, PAIRINGS, DraftConfig, DraftModel, KVCache, init_from_target, load_draft
 
 
 @dataclass
@@ -40,9 +42,13 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 8
     lr: float = 9e-5
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # the reference: 1e-3
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 0.5
+    clip_mode: str = "norm"  # norm | value (the reference clips each gradient value to +-grad_clip)
+    init: str = "random"  # random | target (the target's last decoder layer) | a draft checkpoint directory
+    contrastive_pairing: str = "expert"  # expert (the reference) | ranked (the first shipped drafts)
+    ttt_steps: int = 1  # training-time test: unroll the draft on its own features for this many steps
     warmup_steps: int = 50
     w_v: float = 1.0
     w_p: float = 0.1
@@ -52,6 +58,7 @@ class TrainConfig:
     save_every: int = 200
     eval_every: int = 0  # 0: at the end of each epoch only
     seed: int = 0
+    max_samples: int = 0  # 0: all; N: the first N samples (of a preparation that may still be running)
     max_steps: int = 0  # 0: run all epochs (a positive value stops early, for tests and resumable chunks)
     target: str | None = None  # target source; default: the one recorded by prepare
 
@@ -71,13 +78,11 @@ def _target_pieces(cfg: TrainConfig, meta: dict):
     return model, embed, head
 
 
-def draft_vocabulary(data_dir: str, size: int) -> torch.Tensor:
-    """The ``size`` most frequent answer tokens of the training data (target ids, ascending)."""
-    from .data import FeatureDataset
-
-    ds = FeatureDataset(data_dir)
+def draft_vocabulary(ds, size: int, samples: int | None = None) -> torch.Tensor:
+    """The ``size`` most frequent answer tokens of a FeatureDataset's first ``samples`` samples
+    (the training ones; default all), as target ids, ascending."""
     counts = None
-    for ids, mask in ds.iter_tokens():
+    for ids, mask in ds.iter_tokens(samples):
         c = torch.bincount(ids[mask.bool()], minlength=ds.vocab_size)
         counts = c if counts is None else counts + c
     return torch.sort(torch.topk(counts, size).indices).values
@@ -97,8 +102,40 @@ def collate(samples: list[dict]) -> dict:
     return {"input_ids": ids, "loss_mask": mask, "features": feats}
 
 
+def unrolled(draft: DraftModel, embed, ids: torch.Tensor, features: torch.Tensor, steps: int):
+    """The draft run as inside a tree, on its own predicted features, for ``steps`` steps:
+    yields ``(k, DraftOutput)`` for k = 1 .. steps.
+
+    ``ids`` (B, L) are the tokens, ``features`` (B, L-1, H) the target features fed at step 1
+    (entry j = (x_{j+1}, f_j), output predicting f_{j+1}). Chain j branches off after entry j:
+    its step-k entry is (x_{j+k}, f_hat_{j+k-1}) at position j+k-1 and attends to the true
+    entries 0..j, its own earlier steps and itself; its output predicts f_{j+k}. Step k has
+    L-k entries (chains whose tokens exist). Gradients flow through the chain."""
+    B, L = ids.shape
+    T, dev = L - 1, ids.device
+    cache = KVCache() if steps > 1 else None
+    out = draft(embed(ids[:, 1:]), features, torch.arange(T, device=dev).expand(B, -1), cache)
+    yield 1, out
+    blocks = []  # cache offsets of earlier chain steps
+    for k in range(2, steps + 1):
+        n = L - k
+        if n <= 0:
+            return
+        S, j = len(cache), torch.arange(n, device=dev)
+        allowed = torch.zeros(n, S + n, dtype=torch.bool, device=dev)
+        allowed[:, :T] = torch.arange(T, device=dev)[None] <= j[:, None]
+        for off in blocks:
+            allowed[j, off + j] = True
+        allowed[j, S + j] = True
+        blocks.append(S)
+        out = draft(embed(ids[:, k : k + n]), out.hidden[:, :n], (j + k - 1).expand(B, -1), cache, allowed[None, None])
+        yield k, out
+
+
 def draft_loss(draft: DraftModel, embed, lm_head_w, batch: dict, cfg: TrainConfig, generator=None) -> dict:
-    """The training loss of one batch and its parts (plain floats except ``loss``)."""
+    """The training loss of one batch and its parts (plain floats except ``loss``): the
+    step-1 parts as ``vloss``/``ploss``/``acc`` (and ``con_*``), with ``ttt_steps`` > 1 also
+    ``acc_k`` for every later step k."""
     ids, m, f = batch["input_ids"], batch["loss_mask"], batch["features"]
     B, L, H = f.shape
     if L < 3:
@@ -107,33 +144,49 @@ def draft_loss(draft: DraftModel, embed, lm_head_w, batch: dict, cfg: TrainConfi
     if cfg.noise > 0:
         noise = (torch.rand(inp.shape, generator=generator) - 0.5) * cfg.noise * 512 / L
         inp = inp + noise.to(inp.device)
-    out = draft(embed(ids[:, 1:]), inp, torch.arange(L - 1, device=f.device).expand(B, -1))
-    target = f[:, 1:]  # f_{j+1}
-    weight = torch.zeros(B, L - 1, device=f.device)
-    weight[:, :-1] = m[:, 2:].float()  # the token predicted by entry j is x_{j+2}
-    if not weight.any():
+    if not m[:, 2:].any():
         raise TurboLMError("a training batch holds no answer token to learn from")
-    # The lm_head dominates the cost: evaluate it only where a loss is counted.
-    sel = weight.bool()
+    # The target's distribution after f_i, computed once for every i whose next token x_{i+1}
+    # is an answer token (the lm_head dominates the cost; every step and the contrastive
+    # branch index these rows).
+    need = torch.zeros(B, L, dtype=torch.bool, device=f.device)
+    need[:, :-1] = m[:, 1:].bool()
     with torch.no_grad():
-        t_logp_sel = draft.logits(target[sel], lm_head_w).float().log_softmax(-1)
-    parts = _prediction_loss(draft, lm_head_w, out.hidden[sel], target[sel], t_logp_sel)
-    loss = cfg.w_v * parts["vloss"] + cfg.w_p * parts["ploss"]
-    if out.expert_hidden is not None:  # decoupled: each selected expert's own feature predicts too
-        for e in range(out.expert_hidden.shape[-2]):
-            ex = _prediction_loss(draft, lm_head_w, out.expert_hidden[..., e, :][sel], target[sel], t_logp_sel)
-            loss = loss + 0.5 * (cfg.w_v * ex["vloss"] + cfg.w_p * ex["ploss"])
-    if out.contrastive is not None:
-        # The contrastive output of entry j (j <= L-3) predicts f_{j+2} and so token x_{j+3}.
-        sel2 = torch.zeros(B, L - 2, dtype=torch.bool, device=f.device)
-        sel2[:, :-1] = m[:, 3:].bool()
-        with torch.no_grad():
-            t2 = target[:, 1:][sel2]
-            t2_logp = draft.logits(t2, lm_head_w).float().log_softmax(-1)
-        con = _prediction_loss(draft, lm_head_w, out.contrastive[:, :-1][sel2], t2, t2_logp)
-        loss = loss + 0.5 * (cfg.w_v * con["vloss"] + cfg.w_p * con["ploss"])
-        parts.update(con_vloss=con["vloss"], con_ploss=con["ploss"], con_acc=con["acc"])
-    parts["loss"] = loss
+        t_logp = draft.logits(f[need], lm_head_w).float().log_softmax(-1)
+    row = torch.full((B, L), -1, dtype=torch.long, device=f.device)
+    row[need] = torch.arange(int(need.sum()), device=f.device)
+
+    def predicted(pred, shift, n):
+        """Loss parts of ``pred`` (B, >=n, H) whose entry j predicts f_{j+shift}, counted where
+        x_{j+shift+1} is an answer token (j < n)."""
+        sel = m[:, shift + 1 : shift + 1 + n].bool()
+        if not sel.any():
+            return None
+        return _prediction_loss(draft, lm_head_w, pred[:, : sel.shape[1]][sel], f[:, shift : shift + sel.shape[1]][sel],
+                                t_logp[row[:, shift : shift + sel.shape[1]][sel]])
+
+    loss, parts = 0.0, {}
+    for k, out in unrolled(draft, embed, ids, inp, max(1, cfg.ttt_steps)):
+        n = out.hidden.shape[1]
+        step = predicted(out.hidden, k, n)
+        if step is None:
+            break
+        step_loss = cfg.w_v * step["vloss"] + cfg.w_p * step["ploss"]
+        if out.expert_hidden is not None:  # decoupled: each selected expert's own feature predicts too
+            for e in range(out.expert_hidden.shape[-2]):
+                ex = predicted(out.expert_hidden[..., e, :], k, n)
+                step_loss = step_loss + 0.5 * (cfg.w_v * ex["vloss"] + cfg.w_p * ex["ploss"])
+        con = predicted(out.contrastive, k + 1, n) if out.contrastive is not None else None
+        if con is not None:  # the contrastive output of entry j predicts f_{j+k+1}
+            step_loss = step_loss + 0.5 * (cfg.w_v * con["vloss"] + cfg.w_p * con["ploss"])
+        loss = loss + step_loss
+        if k == 1:
+            parts.update(step)
+            if con is not None:
+                parts.update(con_vloss=con["vloss"], con_ploss=con["ploss"], con_acc=con["acc"])
+        else:
+            parts[f"acc_{k}"] = step["acc"]
+    parts["loss"] = loss / max(1, cfg.ttt_steps)
     return parts
 
 
@@ -163,7 +216,6 @@ def chain_agreement(draft: DraftModel, embed, lm_head_w, sample: dict, depth: in
     ids, m = sample["input_ids"].to(dev), sample["loss_mask"].to(dev).bool()
     f = sample["features"].to(dev, lm_head_w.dtype)
     L = ids.shape[0]
-    T = L - 1
     t_top = draft.logits(f, lm_head_w).argmax(-1)  # the target's greedy token after each position
     result: dict = {"agree": {}, "contrastive": {}}
 
@@ -175,26 +227,31 @@ def chain_agreement(draft: DraftModel, embed, lm_head_w, sample: dict, depth: in
             hits, total = result[key].get(k, (0, 0))
             result[key][k] = (hits + int(((pred == t_top[k : k + n]) & w).sum()), total + int(w.sum()))
 
-    cache = KVCache()
-    out = draft(embed(ids[None, 1:]), f[None, :-1], torch.arange(T, device=dev)[None], cache)
-    record("agree", 1, out.hidden[0])
-    blocks = []  # cache offsets of earlier chain steps
-    for k in range(2, depth + 1):
-        if out.contrastive is not None:
-            record("contrastive", k, out.contrastive[0])
-        n = L - 1 - k
-        if n <= 0:
-            break
-        S, j = len(cache), torch.arange(n, device=dev)
-        allowed = torch.zeros(n, S + n, dtype=torch.bool, device=dev)
-        allowed[:, :T] = torch.arange(T, device=dev)[None] <= j[:, None]
-        for off in blocks:
-            allowed[j, off + j] = True
-        allowed[j, S + j] = True
-        blocks.append(S)
-        out = draft(embed(ids[None, k : k + n]), out.hidden[:, :n], (j + k - 1)[None], cache, allowed[None, None])
+    for k, out in unrolled(draft, embed, ids[None], f[None, :-1], depth):
         record("agree", k, out.hidden[0])
+        if out.contrastive is not None and k < depth:
+            record("contrastive", k + 1, out.contrastive[0])
     return result
+
+
+@torch.no_grad()
+def expert_similarity(draft: DraftModel, embed, lm_head_w, sample: dict) -> dict | None:
+    """How alike a Jakiro draft's first two experts are on one sample's answer positions (step 1,
+    true features): sums of the cosine of their FFN outputs and of top-1 agreement of their own
+    features ``x + E_e``, with the position count. None for a draft without experts."""
+    if not draft.config.has_contrastive:
+        return None
+    dev = lm_head_w.device
+    ids, m = sample["input_ids"].to(dev), sample["loss_mask"].to(dev).bool()
+    f = sample["features"].to(dev, lm_head_w.dtype)
+    L = ids.shape[0]
+    out = draft(embed(ids[None, 1:]), f[None, :-1], torch.arange(L - 1, device=dev)[None])
+    sel = m[2:]
+    e0, e1 = out.experts[0, :-1, 0][sel], out.experts[0, :-1, 1][sel]
+    x = out.residual[0, :-1][sel]
+    cos = F.cosine_similarity(e0.float(), e1.float(), dim=-1)
+    top0, top1 = draft.logits(x + e0, lm_head_w).argmax(-1), draft.logits(x + e1, lm_head_w).argmax(-1)
+    return {"cosine": float(cos.sum()), "top1_agree": float((top0 == top1).sum()), "n": int(sel.sum())}
 
 
 # --- the training loop ----------------------------------------------------------------------------
@@ -234,17 +291,40 @@ def _log(out: Path, row: dict) -> None:
 
 
 def evaluate(draft, embed, head_w, dataset, indices, depth) -> dict:
-    """Chain agreement rates over held-out samples: {"agree": {k: rate}, "contrastive": {k: rate}}."""
+    """Chain agreement rates over held-out samples: {"agree": {k: rate}, "contrastive": {k: rate}},
+    and for a Jakiro draft "experts": the cosine of its two experts' outputs and how often their
+    own top-1 tokens agree (experts that became alike cannot give diverse candidates)."""
     draft.eval()
     sums: dict = {"agree": {}, "contrastive": {}}
+    alike = {"cosine": 0.0, "top1_agree": 0.0, "n": 0}
     for i in indices:
-        r = chain_agreement(draft, embed, head_w, dataset[i], depth)
+        sample = dataset[i]
+        r = chain_agreement(draft, embed, head_w, sample, depth)
         for key in sums:
             for k, (h, t) in r[key].items():
                 a, b = sums[key].get(k, (0, 0))
                 sums[key][k] = (a + h, b + t)
+        e = expert_similarity(draft, embed, head_w, sample)
+        for key in alike if e else ():
+            alike[key] += e[key]
     draft.train()
-    return {key: {str(k): (h / t if t else None) for k, (h, t) in sorted(v.items())} for key, v in sums.items()}
+    result = {key: {str(k): (h / t if t else None) for k, (h, t) in sorted(v.items())} for key, v in sums.items()}
+    if alike["n"]:
+        result["experts"] = {"cosine": alike["cosine"] / alike["n"], "top1_agree": alike["top1_agree"] / alike["n"]}
+    return result
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.init not in ("random", "target") and not (Path(cfg.init) / "config.json").is_file():
+        raise ParameterError(f"{{}} must be random, target or a draft checkpoint directory, got {cfg.init!r}", "init")
+    choices = {"clip_mode": ("norm", "value"), "contrastive_pairing": PAIRINGS,
+               "arch": ARCHS, "candidate_mode": CANDIDATE_MODES}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ParameterError(f"{{}} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}", name)
+    for name in ("ttt_steps", "epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ParameterError(f"{{}} must be >= 1, got {getattr(cfg, name)}", name)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -256,14 +336,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     out = Path(cfg.out)
     meta = read_meta(cfg.data)
-    dataset = FeatureDataset(cfg.data)
-    n = len(dataset)
+    dataset = FeatureDataset(cfg.data, partial=bool(cfg.max_samples))
+    n = min(len(dataset), cfg.max_samples or len(dataset))
+    if cfg.max_samples and len(dataset) < cfg.max_samples:
+        raise ParameterError(f"{cfg.data} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
     if n <= cfg.eval_samples:
         raise ParameterError(f"{cfg.data} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
     if resume and not (out / "latest.json").is_file():
         raise ParameterError(f"nothing to resume in {out} (no latest.json); start without {{}}", "resume")
     if not resume and (out / "latest.json").is_file():
         raise ParameterError(f"{out} already holds a training run; pass {{}} to continue it or choose another {{}}", "resume", "out")
+    _check_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -271,12 +354,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     embed, head = embed.to(accelerator.device), head.to(accelerator.device)
     dconf = DraftConfig.for_target(
         target, arch=cfg.arch, candidate_mode=cfg.candidate_mode, num_experts=cfg.num_experts,
-        draft_vocab_size=cfg.draft_vocab_size,
+        draft_vocab_size=cfg.draft_vocab_size, contrastive_pairing=cfg.contrastive_pairing,
     )
     torch.manual_seed(cfg.seed)
     draft = DraftModel(dconf)
-    if cfg.draft_vocab_size and not resume:
-        draft.draft_vocab.copy_(draft_vocabulary(cfg.data, cfg.draft_vocab_size))
+    if cfg.init == "target" and not resume:
+        init_from_target(draft, target)
+    elif cfg.init != "random" and not resume:  # continue from a trained draft: its weights and vocabulary
+        start = load_draft(cfg.init, target)
+        if (start.config.arch, start.config.num_experts, start.config.draft_vocab_size) != (
+                dconf.arch, dconf.num_experts, dconf.draft_vocab_size):
+            raise ParameterError(f"the draft in {cfg.init} is a {start.config.arch} with {start.config.num_experts} experts "
+                                 f"and a {start.config.draft_vocab_size}-token vocabulary; train with the same "
+                                 f"{{}}, {{}} and {{}}", "arch", "num_experts", "draft_vocab_size")
+        draft.load_state_dict(start.state_dict())
+    if cfg.draft_vocab_size and not resume and cfg.init in ("random", "target"):
+        draft.draft_vocab.copy_(draft_vocabulary(dataset, cfg.draft_vocab_size, n - cfg.eval_samples))
     decay = [p for name, p in draft.named_parameters() if p.dim() >= 2]
     no_decay = [p for name, p in draft.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -310,7 +403,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             parts = draft_loss(accelerator.unwrap_model(draft), embed, head_w, batch, cfg, g)
             optimizer.zero_grad()
             accelerator.backward(parts["loss"])
-            accelerator.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
+            if cfg.clip_mode == "value":
+                accelerator.clip_grad_value_(draft.parameters(), cfg.grad_clip)
+            else:
+                accelerator.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
             state["batch"] += 1
