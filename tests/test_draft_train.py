@@ -190,12 +190,17 @@ def test_init_from_target_copies_the_last_layer(tiny_dir):
         target, draft, _, _ = _pieces(tiny_dir, arch=arch)
         done = init_from_target(draft, target)
         layer = target.get_decoder().layers[-1]
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for p in ("q_proj", "k_proj", "v_proj"):
             assert p in done and torch.equal(getattr(draft, p).weight, getattr(layer.self_attn, p).weight)
         H = draft.config.hidden_size
-        assert torch.equal(draft.fc.weight[:, H:], torch.eye(H))
+        assert torch.equal(draft.fc.weight[:, H:], torch.eye(H)) and not draft.o_proj.weight.any()
+        # the start is the identity on the feature: the output is the input feature
+        feats = torch.randn(1, 5, H)
+        with torch.no_grad():
+            out = draft(torch.zeros(1, 5, H), feats, torch.arange(5)[None])
+        assert torch.allclose(out.hidden, feats, atol=1e-6)
         if arch == "eagle2":
-            assert torch.equal(draft.mlp.up_proj.weight, layer.mlp.up_proj.weight)
+            assert torch.equal(draft.mlp.up_proj.weight, layer.mlp.up_proj.weight) and not draft.mlp.down_proj.weight.any()
         else:
             I = draft.config.expert_intermediate_size
             copied = [n for n in done if n.startswith("experts.")]

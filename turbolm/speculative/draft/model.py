@@ -263,12 +263,16 @@ class DraftModel(nn.Module):
 
 @torch.no_grad()
 def init_from_target(draft: DraftModel, target) -> list[str]:
-    """Start the draft from the target's last decoder layer instead of noise: its attention
-    projections and, where the shapes allow, its FFN (EAGLE-2's dense FFN has the target's
-    shapes; Jakiro's expert e takes the target's FFN neurons ``e*I .. (e+1)*I``) and its
-    post-attention norm. ``fc`` passes the feature through (identity on the feature half, the
-    token half left random and scaled down), so the draft starts as the target's last layer
-    applied to the feature. Returns the names of the initialised draft parameters."""
+    """Start the draft from the target's last decoder layer instead of noise: the parts that
+    *read* the stream - attention q/k/v projections and, where the shapes allow, the FFN's gate
+    and up projections (EAGLE-2's dense FFN has the target's shapes; Jakiro's expert e takes the
+    target's FFN neurons ``e*I .. (e+1)*I``) - and the post-attention norm. The parts that
+    *write* back (``o_proj``, ``down_proj``) start at zero and ``fc`` passes the feature through
+    (identity on the feature half, the token half random and scaled down), so the draft starts
+    as the identity on the feature and learns from there. Copying the writing parts too makes
+    the start explode on final-norm features (SmolLM2-135M: held-out SmoothL1 40 and soft CE 497
+    at step 0, against 0.93 / 13.7 from noise and 0.69 / 11.2 this way). Returns the names of
+    the initialised draft parameters."""
     layers = getattr(target.get_decoder(), "layers", None)
     if not layers:
         raise ParameterError("{} has no decoder layers to initialise a draft from", "target")
@@ -285,14 +289,14 @@ def init_from_target(draft: DraftModel, target) -> list[str]:
             done.append(name)
 
     attn = getattr(layer, "self_attn", None)
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    for proj in ("q_proj", "k_proj", "v_proj"):
         copy(getattr(draft, proj).weight, getattr(attn, proj, None), proj)
     norm = getattr(layer, "post_attention_layernorm", None)
     if norm is not None and not type(norm).__name__.startswith("Gemma"):  # Gemma scales by 1 + weight
         copy(draft.post_attention_norm.weight, norm, "post_attention_norm")
     mlp = getattr(layer, "mlp", None)
     if draft.config.arch == "eagle2":
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        for proj in ("gate_proj", "up_proj"):
             copy(getattr(draft.mlp, proj).weight, getattr(mlp, proj, None), f"mlp.{proj}")
     else:
         size = draft.config.expert_intermediate_size
@@ -300,15 +304,16 @@ def init_from_target(draft: DraftModel, target) -> list[str]:
             part = slice(e * size, (e + 1) * size)
             for proj in ("gate_proj", "up_proj"):
                 copy(getattr(expert, proj).weight, getattr(mlp, proj, None), f"experts.{e}.{proj}", rows=part)
-            copy(expert.down_proj.weight, getattr(mlp, "down_proj", None), f"experts.{e}.down_proj", cols=part)
+    if len(done) == 0:
+        raise ParameterError("the target's last layer matches none of the draft's shapes: start from noise ({} random)", "init")
+    draft.o_proj.weight.zero_()
+    for ffn in ([draft.mlp] if draft.config.arch == "eagle2" else draft.experts):
+        ffn.down_proj.weight.zero_()
     H = draft.config.hidden_size
     draft.fc.weight[:, :H] *= 0.1
     draft.fc.weight[:, H:] = torch.eye(H, dtype=draft.fc.weight.dtype)
     draft.fc.bias.zero_()
-    done.append("fc")
-    if len(done) == 1:
-        raise ParameterError("the target's last layer matches none of the draft's shapes: start from noise ({} random)", "init")
-    return done
+    return done + ["fc", "o_proj", "down_proj"]
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
