@@ -126,3 +126,31 @@ def default_model():
     from turbolm import load_target
 
     return load_target()
+
+
+@pytest.fixture(scope="session")
+def near_bigram(tmp_path_factory):
+    """(target, tokenizer, draft): a tiny random Llama whose layers barely touch the residual stream
+    (its next token mostly follows from the last one, so its greedy answers fall into loops), and a
+    Jakiro draft that predicts exactly that part (its input token's embedding through the target's
+    lm_head) with a little noise. Its autoregressive levels agree with the target often, its
+    contrastive output (about the same feature: the next token of the grandparent) rarely."""
+    from turbolm import load_target
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel
+
+    target, tok = load_target(make_model_dir(tmp_path_factory.mktemp("bigram"), "llama"))
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.02)
+            layer.mlp.down_proj.weight.mul_(0.02)
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig.for_target(target)).eval()
+    H = target.config.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :H] = torch.eye(H)  # the input token's embedding; the feature is ignored
+        draft.fc.bias.zero_()
+        draft.o_proj.weight.zero_()
+        for expert in draft.experts:
+            expert.down_proj.weight.normal_(0, 0.02)
+    return target, tok, draft

@@ -72,7 +72,7 @@ def test_all_methods_report_and_files(tiny, drafts, questions, tmp_path):
     assert report["methods"]["vanilla"]["overall"]["speedup"] == 1.0
     assert report["lossless"] == {"checked": True, "ours_differing": 0, "ok": True}
     small = {"total_tokens": 6, "depth": 3, "top_k": 2}
-    assert report["trees"] == {"prompt-lookup": small, "eagle2": small, "jakiro": small}
+    assert report["trees"] == {"prompt-lookup": small, "eagle2": small, "jakiro": small, "hybrid": small}
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["dtype"] == "float32"
 
     rows = read_jsonl(out / "results.jsonl")
@@ -233,7 +233,7 @@ def test_sampling_runs_without_the_identity_check(tiny, questions, tmp_path):
         ({"methods": ["vanilla", "medusa"]}, "unknown method medusa"),
         ({"categories": ["qa", "poetry"]}, "unknown category poetry; the questions file has: writing, qa"),
         ({"methods": ["vanilla"], "drafts": {"jakiro": "/x"}}, "jakiro is not in methods"),
-        ({"methods": ["prompt-lookup"], "drafts": {"medusa": "/x"}}, "drafts are for eagle2 / jakiro only"),
+        ({"methods": ["prompt-lookup"], "drafts": {"medusa": "/x"}}, "drafts are for eagle2 / jakiro / hybrid only"),
         ({"methods": ["eagle2"]}, "trained for a different target"),  # the shipped draft is for SmolLM2
         ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ],
@@ -287,10 +287,12 @@ def test_per_category_and_auto_tree(tiny, drafts, questions, tmp_path, monkeypat
     picked = select_questions(qs, None, None, per_category=1)
     assert [q.category for q in picked] == list(dict.fromkeys(q.category for q in qs))
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
-    report = run_spec_bench(config(questions, tmp_path / "auto", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
-                                   per_category=1, tree="auto", grid=SMALL_GRID), target=tiny)
+    report = run_spec_bench(config(questions, tmp_path / "auto", methods=["vanilla", "jakiro", "hybrid"],
+                                   drafts={"jakiro": drafts["jakiro"]}, hybrid_mode="choose", per_category=1, tree="auto",
+                                   grid=SMALL_GRID), target=tiny)
     assert report["questions_measured"] == len(picked)
-    assert report["lossless"]["ok"] is True
+    assert report["lossless"]["ok"] is True and report["config"]["hybrid_mode"] == "choose"
+    assert report["trees"]["hybrid"]["depth"] <= 3  # sized on the small grid, with jakiro's draft
     with pytest.raises(TurboLMError, match="give one or the other"):
         run_spec_bench(config(questions, tmp_path / "bad", methods=["vanilla", "jakiro"], drafts={"jakiro": drafts["jakiro"]},
                               tree="auto", depth=2), target=tiny)

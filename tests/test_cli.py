@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from turbolm.cli import main
 
@@ -76,6 +77,23 @@ def test_generate_speculative_json(capsys, tiny_dir, method):
         assert d["tau"] > 2
 
 
+@pytest.mark.parametrize("mode", ["merge", "choose"])
+def test_generate_hybrid_json(capsys, tiny_dir, tmp_path, mode):
+    from turbolm import load_target
+    from turbolm.speculative.draft.model import DraftConfig, DraftModel
+
+    target, _ = load_target(tiny_dir)
+    torch.manual_seed(0)
+    DraftModel(DraftConfig.for_target(target)).save(tmp_path / "d")
+    base = ["generate", "--prompt", "sea sky stars sea sky stars sea", "--model", str(tiny_dir), "--max-new-tokens", "20", "--json"]
+    _, out, _ = run_cli(capsys, *base)
+    rc, out_spec, _ = run_cli(capsys, *base, "--speculative", "hybrid", "--hybrid", mode, "--draft", str(tmp_path / "d"),
+                              "--tree", "fixed")
+    d = json.loads(out_spec)
+    assert rc == 0 and d["token_ids"] == json.loads(out)["token_ids"] and d["method"] == "hybrid"
+    assert d["stats"]["hybrid"]["mode"] == mode and d["stats"]["tree"] == {"total_tokens": 16, "depth": 4, "top_k": 4}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -83,7 +101,7 @@ def test_generate_speculative_json(capsys, tiny_dir, method):
         (["--speculative", "prompt-lookup", "--total-tokens", "-3"], "--total-tokens must be >= 1, got -3"),
         (["--speculative", "model"], "needs --draft-model"),
         (["--depth", "3"], "need a --speculative other than none"),
-        (["--speculative", "model", "--draft", "x"], "--draft is for jakiro / eagle2; --speculative model takes --draft-model"),
+        (["--speculative", "model", "--draft", "x"], "--draft is for jakiro / eagle2 / hybrid; --speculative model takes --draft-model"),
         (["--draft-model", "x"], "only used with --speculative model"),
         (["--speculative", "model", "--draft-layers", "5"], "--draft-layers must be in"),
     ],

@@ -29,6 +29,15 @@ def jakiro_dir(tiny, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def eagle2_dir(tiny, tmp_path_factory):
+    target, _ = tiny
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("eagle2")
+    DraftModel(DraftConfig.for_target(target, arch="eagle2")).save(d)
+    return d
+
+
 @pytest.mark.parametrize("spec, params", [
     (DecoderSpec("beam"), ("method",)),
     (DecoderSpec("none", depth=3), ("total_tokens", "depth", "top_k", "method")),
@@ -37,6 +46,9 @@ def jakiro_dir(tiny, tmp_path_factory):
     (DecoderSpec("prompt-lookup", draft_layers=2), ("draft_layers", "method")),
     (DecoderSpec("prompt-lookup", candidate_mode="mixture"), ("candidate_mode", "method")),
     (DecoderSpec("jakiro", depth=0), ("depth",)),
+    (DecoderSpec("jakiro", hybrid_mode="merge"), ("hybrid_mode", "method")),
+    (DecoderSpec("hybrid", hybrid_mode="both"), ("hybrid_mode",)),
+    (DecoderSpec("prompt-lookup", tree="auto"), ("tree", "method")),
 ])
 def test_decoder_spec_errors_name_parameters(spec, params):
     with pytest.raises(ParameterError) as e:
@@ -55,14 +67,19 @@ def test_the_command_line_speaks_in_flags(capsys):
     e = ParameterError("{} must be >= 1, got 0", "max_new_tokens")
     assert str(e) == "max_new_tokens must be >= 1, got 0" and error_message(e) == "--max-new-tokens must be >= 1, got 0"
     assert error_message(TurboLMError("plain")) == "plain"
+    assert main(["generate", "--prompt", "hi", "--speculative", "jakiro", "--hybrid", "choose"]) == 2
+    assert capsys.readouterr().err.strip() == "turbolm: error: --hybrid is only used with --speculative hybrid"
 
 
-def test_every_method_builds_and_is_lossless(tiny, jakiro_dir):
+def test_every_method_builds_and_is_lossless(tiny, jakiro_dir, eagle2_dir):
     model, tok = tiny
     ids = encode_prompt(tok, "Write a short poem about the sea")
     reference = generate(model, tok, ids, max_new_tokens=16)
     specs = [DecoderSpec("none"), DecoderSpec("prompt-lookup"), DecoderSpec("model", draft_layers=1, tree="fixed"),
-             DecoderSpec("jakiro", draft=str(jakiro_dir), tree="fixed", total_tokens=6, depth=3, top_k=2)]
+             DecoderSpec("jakiro", draft=str(jakiro_dir), tree="fixed", total_tokens=6, depth=3, top_k=2),
+             DecoderSpec("hybrid", draft=str(jakiro_dir), tree="fixed", total_tokens=6, depth=3, top_k=2),
+             DecoderSpec("hybrid", draft=str(eagle2_dir), hybrid_mode="choose", tree="fixed"),
+             DecoderSpec("hybrid", draft=str(eagle2_dir), hybrid_mode="merge", tree="fixed")]
     for spec in specs:
         decoder = build_decoder(model, tok, spec)
         result = decoder.generate(ids, max_new_tokens=16)
@@ -70,20 +87,24 @@ def test_every_method_builds_and_is_lossless(tiny, jakiro_dir):
         assert "".join(decoder.stream(ids, max_new_tokens=16)) == reference.text, spec
         assert decoder.result.token_ids == reference.token_ids
         assert (decoder.tree is None) == (spec.method == "none") and decoder.tree_choice is None
+        if spec.method == "hybrid":
+            assert result.stats["hybrid"]["mode"] == (spec.hybrid_mode or "merge")
+            assert decoder.proposer.drafter.draft.config.arch == ("jakiro" if spec.draft == str(jakiro_dir) else "eagle2")
     sampled = build_decoder(model, tok, DecoderSpec("none")).generate(ids, max_new_tokens=8,
                                                                      sampling=SamplingParams(temperature=1, seed=3))
     assert sampled.token_ids == generate(model, tok, ids, max_new_tokens=8,
                                          sampling=SamplingParams(temperature=1, seed=3)).token_ids
 
 
-def _seed_tree_cache(model, tok, spec, grid, tmp_path, monkeypatch):
-    """Put made-up timings and acceptance in the --tree auto cache for ``spec``: a choice then
-    measures nothing, and which tree wins is known."""
+def _seed_tree_cache(model, tok, spec, grid, tmp_path, monkeypatch, acceptance=True):
+    """Put made-up timings and (unless not ``acceptance``) acceptance in the --tree auto cache for
+    ``spec``: a choice then measures nothing, and which tree wins is known."""
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     accepted = {"2": {"2": {"2": 0.9, "4": 1.2}}, "3": {"2": {"4": 1.3, "8": 2.4}}}
-    entry = {"acceptance": {"accepted": accepted, "steps": 10, "calibration": {}},
-             "verify_seconds": {"1": 0.01, "3": 0.011, "5": 0.012, "9": 0.013},
+    entry = {"verify_seconds": {"1": 0.01, "3": 0.011, "5": 0.012, "9": 0.013},
              "draft_seconds": {"2": {"2": 0.001}, "3": {"2": 0.0015}}}
+    if acceptance:
+        entry["acceptance"] = {"accepted": accepted, "steps": 10, "calibration": {}, "version": 2}
     path = tmp_path / "cache" / "tree-sizing" / f"{tree_cache_key(model, tok, spec, grid)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entry))
@@ -123,6 +144,40 @@ def test_a_retrained_draft_gets_its_own_tree_timings(tiny, jakiro_dir, tmp_path)
     assert tree_cache_key(model, tok, DecoderSpec("jakiro", draft=str(jakiro_dir), candidate_mode="decoupled")) != \
         tree_cache_key(model, tok, DecoderSpec("jakiro", draft=str(jakiro_dir)))
     assert len(timing_key(model, build_decoder(model, tok, DecoderSpec("prompt-lookup")).proposer, "x")) == 16
+
+
+def test_hybrid_auto_tree_and_stored_acceptance(tiny, tmp_path, monkeypatch):
+    """A version-1 acceptance.json is used (and marked) for the draft alone and for hybrid choose,
+    which sizes its draft as the draft alone; hybrid merge needs the table of merged trees, so it
+    measures one (version 2) and counts the n-gram nodes in the verification cost."""
+    model, tok = tiny
+    torch.manual_seed(0)
+    DraftModel(DraftConfig.for_target(model, arch="jakiro")).save(tmp_path / "d")
+    old = {"accepted": {"2": {"2": {"2": 0.9, "4": 1.2}}, "3": {"2": {"4": 1.3, "8": 2.4}}}, "steps": 10,
+           "calibration": {"tree": {"total_tokens": 64, "depth": 8, "top_k": 10}}}
+    (tmp_path / "d" / "acceptance.json").write_text(json.dumps(old))
+    grid = SizingGrid(total_tokens=(2, 4, 8), depths=(2, 3), top_ks=(2,), verify_sizes=(1, 3, 5, 9),
+                      prompts=("Hello world",), max_new_tokens=8)
+    specs = {m: DecoderSpec(m.split("-")[0], draft=str(tmp_path / "d"), hybrid_mode=(m.split("-") + [None])[1])
+             for m in ("jakiro", "hybrid-choose", "hybrid-merge")}
+    assert len({tree_cache_key(model, tok, s, grid) for s in specs.values()}) == 3
+    for s in specs.values():
+        _seed_tree_cache(model, tok, s, grid, tmp_path, monkeypatch, acceptance=False)
+    for name, spec in specs.items():
+        lines = []
+        decoder = build_decoder(model, tok, spec, grid=grid, log=lines.append)
+        choice = decoder.tree_choice
+        measured = any("measuring" in line for line in lines)
+        if name == "hybrid-merge":
+            assert measured and choice.exact and "version-1" not in choice.explain()
+            assert decoder.proposer.max_nodes == choice.tree.total_tokens + 10
+        else:
+            assert not measured and not choice.exact and "version-1" in choice.explain()
+            assert choice.tree == TreeConfig(8, 3, 2) and choice.ngram_nodes == 0
+        assert decoder.tree == choice.tree
+    cached = json.loads(next(p for p in (tmp_path / "cache" / "tree-sizing").glob("*.json")
+                             if "acceptance" in json.loads(p.read_text())).read_text())["acceptance"]
+    assert cached["version"] == 2 and cached["ngram"]["settings"]["tree"]["total_tokens"] == 10
 
 
 def test_pruner_spec_and_factory(tiny, tmp_path):

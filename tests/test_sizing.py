@@ -1,18 +1,26 @@
-"""Hardware-aware tree sizing: the acceptance simulation is exact for greedy verification, the
-choice follows the cost model, and auto sizing runs end to end (and stays lossless)."""
+"""Hardware-aware tree sizing: the acceptance simulation is exact for greedy verification (Jakiro's
+hybrid trees and hybrid merge trees included), the choice follows the cost model, and auto sizing
+runs end to end (and stays lossless)."""
 
+import json
 import random
 
 import pytest
 import torch
 
 from turbolm import encode_prompt, generate
-from turbolm.speculative import SpeculativeGenerator, TreeConfig
+from turbolm.speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
+from turbolm.speculative.proposers.hybrid import HybridProposer
+from turbolm.speculative.proposers.jakiro import JakiroProposer
 from turbolm.speculative.sizing import (
+    AcceptanceCounts,
     AcceptanceTable,
+    SizingGrid,
     TreeChoice,
     auto_tree,
     choose_tree,
+    ngram_settings,
+    record_acceptance,
     subtree_path_ranks,
 )
 from turbolm.speculative.tree import build_dynamic_tree
@@ -74,20 +82,41 @@ def test_subtree_simulation_matches_building_the_smaller_tree():
     assert checked == 84
 
 
-def test_acceptance_table_from_steps_and_round_trip(tmp_path):
-    big = TreeConfig(total_tokens=64, depth=5, top_k=4)
-    steps = []
+def _continuation(prefix: tuple, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        out.append(_target_token(prefix + tuple(out)))
+    return out
+
+
+def test_acceptance_table_from_counts_and_round_trip(tmp_path):
+    counts = AcceptanceCounts(depths=(1, 2, 3, 4, 5), top_ks=(1, 2, 4), totals=(1, 2, 4, 8, 64))
     for seed in range(6):
         prefix = (seed, 3)
-        tree = _build(prefix, big)
-        steps.append((tree.parents, tree.scores, _accepted_path(tree, prefix)))
-    table = AcceptanceTable.from_steps(steps, {"tree": {"total_tokens": 64, "depth": 5, "top_k": 4}})
+        every = 4 + 4 * 16  # candidates of a depth-5, top-4 tree: nothing cut
+        trees = {d: _build(prefix, TreeConfig(every, d, 4)) for d in range(1, 6)}
+        counts.add(trees, _continuation(prefix, 5))
+    table = counts.table({"tree": {"total_tokens": 64, "depth": 5, "top_k": 4}})
     # More nodes, deeper or wider never accept less.
     assert table.expected(TreeConfig(8, 4, 4)) >= table.expected(TreeConfig(4, 4, 4)) >= table.expected(TreeConfig(1, 1, 1))
     assert table.expected(TreeConfig(64, 8, 4)) is None  # outside the calibration tree
     assert all(c.depth <= 5 and c.top_k <= 4 and c.total_tokens >= c.depth for c in table.candidates())
+    assert table.exact and table.version == 2 and table.with_ngram(ngram_settings(PromptLookupProposer())) is None
     table.save(tmp_path / "acceptance.json")
     assert AcceptanceTable.load(tmp_path / "acceptance.json") == table
+
+
+def test_version_1_tables_are_read_and_marked(tmp_path):
+    """A version-1 acceptance.json (no version field: one recording with one big tree) still loads,
+    is used for the draft alone, says so when it sizes a tree, and has no hybrid merge table."""
+    old = {"accepted": {"2": {"2": {"2": 0.9, "4": 1.2}}}, "steps": 10,
+           "calibration": {"tree": {"total_tokens": 64, "depth": 8, "top_k": 10}, "prompts": 6}}
+    (tmp_path / "acceptance.json").write_text(json.dumps(old))
+    table = AcceptanceTable.load(tmp_path / "acceptance.json")
+    assert table.version == 1 and not table.exact and table.expected(TreeConfig(4, 2, 2)) == 1.2
+    assert table.with_ngram(ngram_settings(PromptLookupProposer())) is None
+    choice = choose_tree(table, {1: 0.01, 5: 0.011}, {2: {2: 0.001}})
+    assert choice.tree == TreeConfig(4, 2, 2) and "version-1" in choice.explain()
 
 
 def test_choice_follows_the_machine():
@@ -103,7 +132,8 @@ def test_choice_follows_the_machine():
     c = cpu  # the reported numbers are the model's own arithmetic
     assert c.tokens_per_step == pytest.approx(3.0) and c.verify_seconds == pytest.approx(0.17)
     assert c.expected_speedup == pytest.approx(3.0 / (0.002 + 0.17) * 0.100)
-    assert "tree auto: 4 tokens, depth 4, top-k 1" in c.explain()
+    assert "tree auto: 4 nodes, depth 4, top-k 1 (nodes excluding the root, depth in levels below it: " \
+           "EAGLE-2's 60 / 5 / 10 is 59 / 6 / 10 here)" in c.explain()
     slow = TreeChoice(TreeConfig(4, 2, 2), 1.1, 0.05, 0.2, 0.1)
     assert "no tree is expected to beat vanilla" in slow.explain()
 
@@ -136,3 +166,79 @@ def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
     assert auto_tree(gen, draft_id="d1", progress=False, grid=grid).tree == choice.tree
     ids = encode_prompt(tok, "Write a short poem about the sea")
     assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
+
+
+# --- exactness on a real (tiny) Jakiro draft ---------------------------------------------------
+
+EXACT_GRID = SizingGrid(total_tokens=(1, 2, 3, 4, 6, 8, 12), depths=(1, 2, 3, 4), top_ks=(1, 2, 3),
+                        prompts=("Write a short poem about the sea.", "The capital of France is", "def add(a, b):"),
+                        max_new_tokens=24)
+CHECKED = [TreeConfig(1, 1, 1), TreeConfig(3, 2, 2), TreeConfig(6, 2, 3), TreeConfig(4, 3, 3), TreeConfig(12, 4, 3)]
+
+
+def greedy_accepts(tree, continuation: list[int]) -> int:
+    """Nodes greedy verification accepts: the path that spells the longest prefix of the target's
+    own greedy continuation (the target's argmax after each accepted node is its next token)."""
+    node, n = 0, 0
+    while n < len(continuation):
+        node = next((c for c in tree.children[node] if tree.tokens[c] == continuation[n]), None)
+        if node is None:
+            break
+        n += 1
+    return n
+
+
+def test_acceptance_is_exact_for_hybrid_trees(near_bigram):
+    """The table equals, at every grid point checked, the mean accepted nodes of trees built directly
+    with those settings (Jakiro's hybrid schedule: the last level from the contrastive branch),
+    over the steps it records; likewise for hybrid merge trees and the n-gram nodes they add. An
+    autoregressive recording (the old method) overestimates them."""
+    target, tok, draft = near_bigram
+    steps = []  # per recorded step: context, and per checked config the direct / merged / autoregressive tree
+
+    class Watched(JakiroProposer):
+        def start(self, prompt_ids, features=None):
+            self.prompt = tuple(prompt_ids)
+            super().start(prompt_ids, features)
+
+        def propose_per_depth(self, context, tree, depths):
+            trees = super().propose_per_depth(context, tree, depths)
+            if len(context) - len(self.prompt) <= EXACT_GRID.max_new_tokens:  # the steps the table counts
+                saved, built = self.tree, {}
+                for c in CHECKED:  # at the same draft state: no new catch-up
+                    self.tree = c
+                    built[c] = [self.propose(context, 64), hybrid.propose(context, 64)]
+                    self.hybrid = False  # an autoregressive last level, as the old recording assumed
+                    built[c].append(self.propose(context, 64))
+                    self.hybrid = True
+                self.tree = saved
+                steps.append((self.prompt, list(context), built))
+            return trees
+
+    watched = Watched(draft, target)
+    hybrid = HybridProposer(watched, mode="merge")
+    reference = {}  # prompt -> prompt + vanilla greedy answer, long enough for every recorded step
+    for p in EXACT_GRID.prompts:
+        ids = encode_prompt(tok, p)
+        result = generate(target, tok, ids, max_new_tokens=40)
+        assert result.finish_reason == "length"  # no EOS cuts a continuation short
+        reference[tuple(ids)] = ids + result.token_ids
+    table = record_acceptance(target, tok, watched, EXACT_GRID.prompts, EXACT_GRID.max_new_tokens,
+                              tree=TreeConfig(64, 4, 3), grid=EXACT_GRID)
+    merged = table.with_ngram(ngram_settings(PromptLookupProposer()))
+    assert table.exact and merged is not None and table.steps == len(steps) > 20
+    optimistic = 0
+    for c in CHECKED:
+        sums = [0, 0, 0, 0]  # accepted: the draft's tree, the merge, an autoregressive tree; nodes the merge added
+        for prompt, context, built in steps:
+            full = reference[prompt]
+            assert full[: len(context)] == context
+            for i, tree in enumerate(built[c]):
+                sums[i] += greedy_accepts(tree, full[len(context):])
+            sums[3] += len(built[c][1]) - len(built[c][0])
+        assert table.expected(c) == sums[0] / len(steps), c
+        assert merged.expected(c) == sums[1] / len(steps), c
+        assert merged.extra(c) == sums[3] / len(steps), c
+        optimistic += sums[2] > sums[0]
+    assert optimistic >= 2  # the contrastive last level accepts less than an autoregressive one would
+    assert merged.expected(TreeConfig(3, 2, 2)) > table.expected(TreeConfig(3, 2, 2))  # the n-gram branch helps

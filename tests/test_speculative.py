@@ -10,6 +10,9 @@ from conftest import CORPUS, make_model_dir
 from turbolm import SamplingParams, TurboLMError, encode_prompt, generate, load_target
 from turbolm.speculative import ModelProposer, PromptLookupProposer, SpeculativeGenerator, TreeConfig
 from turbolm.speculative import engine as engine_module
+from turbolm.speculative.draft.model import DraftConfig, DraftModel
+from turbolm.speculative.proposers.hybrid import HybridProposer
+from turbolm.speculative.proposers.jakiro import JakiroProposer
 from turbolm.speculative.proposers.small_model import truncated_draft
 
 PROMPTS = [
@@ -32,9 +35,18 @@ def noisy_copy(directory, scale):
     return model
 
 
+def hybrid(target, mode: str, arch: str) -> HybridProposer:
+    """Prompt lookup with a random trained-draft-shaped draft (Jakiro or EAGLE-2)."""
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig.for_target(target, arch=arch)).eval()
+    return HybridProposer(JakiroProposer(draft, target, TreeConfig(total_tokens=8, depth=3, top_k=3)), mode=mode)
+
+
 @pytest.fixture(scope="module")
 def setups(tiny_dirs, tmp_path_factory):
-    """Per architecture: target, tokenizer, and proposers with no / partial / full acceptance."""
+    """Per architecture: target, tokenizer, and proposers with no / partial / full acceptance, prompt
+    lookup, and prompt lookup with a draft (hybrid: merged trees with a Jakiro draft, chosen trees
+    with an EAGLE-2 one)."""
     out = {}
     dirs = dict(tiny_dirs)
     # Sliding-window variants: a window shorter than prompt + output exercises the windowed masks.
@@ -53,6 +65,8 @@ def setups(tiny_dirs, tmp_path_factory):
             "partial": ModelProposer(noisy_copy(d, 0.07), tok, TreeConfig(total_tokens=12, depth=4, top_k=3)),
             "full": ModelProposer(target, tok, TreeConfig(total_tokens=8, depth=6, top_k=1)),
             "prompt-lookup": PromptLookupProposer(TreeConfig(total_tokens=8, depth=5, top_k=2)),
+            "hybrid-merge": hybrid(target, "merge", "jakiro"),
+            "hybrid-choose": hybrid(target, "choose", "eagle2"),
         })
     return out
 
@@ -230,6 +244,40 @@ def test_speculative_sampling_keeps_the_target_distribution(sampling_setup):
     for ours, theirs in zip(run_spec(), vanilla):
         stat, df = chi2_homogeneity(theirs, ours)
         assert df >= 5 and stat < chi2_critical(df), (stat, df)
+
+
+@pytest.fixture(scope="module")
+def bigram_sampling(near_bigram):
+    """Vanilla sampling counters on the near-bigram target (tests/conftest.py), whose draft is often
+    accepted: the hybrid sampling tests then exercise the acceptance rule, not only the residual."""
+    target, tok, draft = near_bigram
+    ids = encode_prompt(tok, "Hello")
+    params = dict(temperature=0.5, top_k=8, top_p=0.95)
+    vanilla = token_pairs(
+        lambda s: generate(target, tok, ids, max_new_tokens=4, sampling=SamplingParams(seed=10**6 + s, **params)).token_ids,
+        2000)
+    return target, tok, draft, ids, params, vanilla
+
+
+@pytest.mark.slow  # ~15 s each
+@pytest.mark.parametrize("mode", ["merge", "choose"])
+def test_hybrid_sampling_keeps_the_target_distribution(bigram_sampling, mode):
+    """Prompt lookup with a draft, merged or chosen per step, samples exactly as the target does:
+    the tree depends on earlier steps' outcomes (choose), never on the step being verified."""
+    target, tok, draft, ids, params, vanilla = bigram_sampling
+    proposer = HybridProposer(JakiroProposer(draft, target, TreeConfig(total_tokens=8, depth=3, top_k=3)), mode=mode)
+    spec = SpeculativeGenerator(target, tok, proposer)
+    taus = []
+
+    def decode(seed):
+        result = spec.generate(ids, max_new_tokens=4, sampling=SamplingParams(seed=seed, **params))
+        taus.append(result.tau)
+        return result.token_ids
+
+    for ours, theirs in zip(token_pairs(decode, 2000), vanilla):
+        stat, df = chi2_homogeneity(theirs, ours)
+        assert df >= 5 and stat < chi2_critical(df), (stat, df)
+    assert sum(taus) / len(taus) > 1.2  # drafted tokens were accepted: the rule was exercised
 
 
 @pytest.mark.slow  # ~14 s

@@ -34,18 +34,18 @@ from ..speculative.sizing import SizingGrid
 
 log = logging.getLogger(__name__)
 
-METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro")
+METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro", "hybrid")
 #: turbolm's own decoders: at temperature 0 their output must be vanilla's, token for token
-OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro")
+OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro", "hybrid")
 HF_PROMPT_LOOKUP_TOKENS = 10
 WARMUP_MAX_NEW_TOKENS = 64
 
 
 @dataclass
 class SpecBenchConfig:
-    """One benchmark run. ``drafts`` maps eagle2 / jakiro to a checkpoint directory (default:
-    the shipped draft); ``total_tokens`` / ``depth`` / ``top_k`` of None keep each proposer's
-    default tree."""
+    """One benchmark run. ``drafts`` maps eagle2 / jakiro / hybrid to a checkpoint directory
+    (default: the shipped draft; hybrid: jakiro's); ``hybrid_mode``: merge (None: the default) or
+    choose; ``total_tokens`` / ``depth`` / ``top_k`` of None keep each proposer's default tree."""
 
     questions: str
     out: str
@@ -59,11 +59,12 @@ class SpecBenchConfig:
     limit: int | None = None
     categories: Sequence[str] | None = None
     per_category: int | None = None  # the first N questions of each category (after --categories)
-    tree: str = "fixed"  # "auto": eagle2 / jakiro trees sized for this machine (turbolm.speculative.sizing)
+    tree: str = "fixed"  # "auto": eagle2 / jakiro / hybrid trees sized for this machine (turbolm.speculative.sizing)
     drafts: dict[str, str] = field(default_factory=dict)
     total_tokens: int | None = None
     depth: int | None = None
     top_k: int | None = None
+    hybrid_mode: str | None = None
     warmup: int = 1
     fast_cpu: str = "auto"  # see turbolm.core.kernels.apply_fast_cpu; every method shares the model, so vanilla too
     grid: SizingGrid | None = None  # what tree="auto" chooses among (None: the full grid)
@@ -227,7 +228,11 @@ def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
         return DecoderSpec("none")
     if name == "prompt-lookup":
         return DecoderSpec(name, tree="fixed", **sizes)
-    return DecoderSpec(name, draft=(config.drafts or {}).get(name), tree=config.tree, **sizes)
+    drafts = config.drafts or {}
+    if name == "hybrid":  # prompt lookup with the Jakiro draft of this run unless it has its own
+        return DecoderSpec(name, draft=drafts.get(name, drafts.get("jakiro")), tree=config.tree,
+                           hybrid_mode=config.hybrid_mode, **sizes)
+    return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, **sizes)
 
 
 def _ours(name: str, model, tokenizer, config: SpecBenchConfig) -> Method:

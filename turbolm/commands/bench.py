@@ -9,7 +9,7 @@ from ..core.errors import ParameterError
 from .common import add_model_args
 
 #: SpecBenchConfig parameters spelled otherwise on this command line
-FLAGS = {"drafts": "--draft"}
+FLAGS = {"drafts": "--draft", "hybrid_mode": "--hybrid"}
 
 
 def register(sub) -> None:
@@ -22,7 +22,10 @@ def register(sub) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} "
                    "(default: all; vanilla, the baseline, always runs)")
     p.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
-                   help="draft checkpoint for eagle2 or jakiro (repeatable; default: the shipped one)")
+                   help="draft checkpoint for eagle2, jakiro or hybrid (repeatable; default: the shipped one; hybrid: "
+                        "jakiro's)")
+    p.add_argument("--hybrid", dest="hybrid_mode", choices=["merge", "choose"], default=None,
+                   help="the strategy of method hybrid (prompt lookup with a trained draft): merge (default) or choose")
     add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per turn (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -30,11 +33,13 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (after --categories)")
     p.add_argument("--per-category", type=int, default=None, help="only the first N questions of each category")
     p.add_argument("--tree", choices=["auto", "fixed"], default=None,
-                   help="auto (default unless --total-tokens/--depth/--top-k): eagle2 / jakiro trees sized for this "
+                   help="auto (default unless --total-tokens/--depth/--top-k): eagle2 / jakiro / hybrid trees sized for this "
                         "machine as `generate` does; fixed: each method's default tree or the flags below")
     p.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
-    p.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree (default: each method's own)")
-    p.add_argument("--depth", type=int, default=None, help="most levels in a draft tree (default: each method's own)")
+    p.add_argument("--total-tokens", type=int, default=None,
+                   help="most nodes in a draft tree, the root not counted (default: each method's own)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="most levels in a draft tree, below the root (default: each method's own)")
     p.add_argument("--top-k", type=int, default=None, help="branches per tree node (default: each method's own)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions per method (default: 1)")
     p.add_argument("--out", default="runs/spec_bench", help="output directory (default: runs/spec_bench)")
@@ -56,7 +61,8 @@ def run(args) -> int:
         questions=args.questions, out=args.out, methods=args.methods.split(","), model=args.model, device=args.device,
         dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
-        top_k=args.top_k, warmup=args.warmup, fast_cpu=args.fast_cpu, per_category=args.per_category,
+        top_k=args.top_k, hybrid_mode=args.hybrid_mode, warmup=args.warmup, fast_cpu=args.fast_cpu,
+        per_category=args.per_category,
         tree=args.tree or ("fixed" if manual else "auto"),
     )
     report = run_spec_bench(config, progress=True)

@@ -8,9 +8,9 @@ import sys
 from ..core.errors import ParameterError, TurboLMError
 from .common import add_model_args, add_sampling_args, load_model, read_prompt, sampling, write_out
 
-SPECULATIVE = ["none", "prompt-lookup", "model", "jakiro", "eagle2"]
+SPECULATIVE = ["none", "prompt-lookup", "model", "jakiro", "eagle2", "hybrid"]
 #: DecoderSpec parameters spelled otherwise on this command line
-FLAGS = {"method": "--speculative"}
+FLAGS = {"method": "--speculative", "hybrid_mode": "--hybrid"}
 
 
 def add_speculative_args(p) -> None:
@@ -18,19 +18,26 @@ def add_speculative_args(p) -> None:
     s.add_argument("--speculative", choices=SPECULATIVE, default="none",
                    help="none: vanilla decoding (default); prompt-lookup: n-gram matches in the context; "
                         "model: a small draft LM with the same tokenizer (--draft-model); "
-                        "jakiro / eagle2: a trained feature-level draft (--draft, default: the shipped one)")
-    s.add_argument("--draft", default=None, help="draft checkpoint directory for --speculative jakiro / eagle2")
+                        "jakiro / eagle2: a trained feature-level draft (--draft, default: the shipped one); "
+                        "hybrid: prompt lookup together with a trained draft (--draft, default: the shipped Jakiro; "
+                        "--hybrid)")
+    s.add_argument("--draft", default=None,
+                   help="draft checkpoint directory for --speculative jakiro / eagle2 / hybrid (a Jakiro or EAGLE-2 draft)")
+    s.add_argument("--hybrid", dest="hybrid_mode", choices=["merge", "choose"], default=None,
+                   help="for --speculative hybrid: merge (default): the n-gram continuation is merged into the draft's "
+                        "tree as extra branches (up to 10 more nodes); choose: each step the n-gram tree or the "
+                        "draft's, whichever is expected to accept more")
     s.add_argument("--candidate-mode", choices=["mixture", "decoupled"], default=None,
                    help="override a Jakiro draft's candidate mode")
     s.add_argument("--draft-model", default=None, help="draft model directory or .gguf for --speculative model")
     s.add_argument("--draft-layers", type=int, default=None,
                    help="for --speculative model without --draft-model: draft with the target's own first N layers")
     s.add_argument("--tree", choices=["auto", "fixed"], default=None,
-                   help="auto (default for jakiro / eagle2 / model): the tree size that maximises expected tokens/s on "
+                   help="auto (default for jakiro / eagle2 / hybrid / model): the tree size that maximises expected tokens/s on "
                         "this machine, from measured target/draft costs and the draft's acceptance (measured once, "
                         "cached); fixed: the proposer's default or --total-tokens/--depth/--top-k")
-    s.add_argument("--total-tokens", type=int, default=None, help="most tokens in a draft tree")
-    s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree")
+    s.add_argument("--total-tokens", type=int, default=None, help="most nodes in a draft tree, the root (the last committed token) not counted")
+    s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree, below the root")
     s.add_argument("--top-k", type=int, default=None, help="branches per tree node")
 
 
@@ -44,10 +51,11 @@ def decoder_spec(args):
     if args.speculative != "model" and args.draft_model:
         raise TurboLMError("--draft-model is only used with --speculative model")
     if args.speculative == "model" and args.draft:
-        raise TurboLMError("--draft is for jakiro / eagle2; --speculative model takes --draft-model")
+        raise TurboLMError("--draft is for jakiro / eagle2 / hybrid; --speculative model takes --draft-model")
     return DecoderSpec(args.speculative, draft=args.draft_model if args.speculative == "model" else args.draft,
                        draft_layers=args.draft_layers, candidate_mode=args.candidate_mode, tree=args.tree,
-                       total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k).check()
+                       total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k,
+                       hybrid_mode=args.hybrid_mode).check()
 
 
 def build(model, tokenizer, spec):

@@ -44,8 +44,6 @@ class SpeculativeGenerator:
         self.target = target
         self.tokenizer = tokenizer
         self.proposer = proposer
-        #: optional ``on_step(tree, accepted_path)`` called after every verification (calibration)
-        self.on_step: Callable[[object, list[int]], None] | None = None
         self.result: GenerationResult | None = None
         if tree is not None:
             proposer.tree = tree
@@ -120,7 +118,7 @@ class SpeculativeGenerator:
             room = budget - len(tracker.token_ids)
             t0 = time.perf_counter()
             tree = self.proposer.propose(context, max_depth=room - 1)
-            tree = tree.limited(room - 1, self.proposer.tree.total_tokens)
+            tree = tree.limited(room - 1, self.proposer.max_nodes)
             t1 = time.perf_counter()
             prefix = len(context) - 1
             mask = tree_attention_mask(tree, prefix, target.config, target.dtype, device)
@@ -138,8 +136,6 @@ class SpeculativeGenerator:
             else:
                 path, bonus = accept_sampling(tree, lambda i: logits_to_probs(logits[i], sampling), generator)
             keep_only(cache, prefix, [0] + path)
-            if self.on_step is not None:
-                self.on_step(tree, path)
             t2 = time.perf_counter()
             draft_s += t1 - t0
             verify_s += t2 - t1
@@ -170,5 +166,6 @@ class SpeculativeGenerator:
                 "draft_seconds": draft_s,
                 "verify_seconds": verify_s,
                 "other_seconds": seconds - prefill_s - draft_s - verify_s,
+                **self.proposer.stats(),
             },
         )

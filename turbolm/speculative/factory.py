@@ -21,8 +21,8 @@ from .engine import SpeculativeGenerator
 from .sizing import SizingGrid, auto_tree, stored_acceptance, timing_key
 from .tree import TreeConfig
 
-METHODS = ("none", "prompt-lookup", "model", "jakiro", "eagle2")
-DRAFT_METHODS = ("eagle2", "jakiro")  # trained feature-level drafts (a checkpoint directory)
+METHODS = ("none", "prompt-lookup", "model", "jakiro", "eagle2", "hybrid")
+DRAFT_METHODS = ("eagle2", "jakiro", "hybrid")  # trained feature-level drafts (a checkpoint directory)
 TREES = ("auto", "fixed")
 
 
@@ -33,9 +33,15 @@ class DecoderSpec:
     ``method``: none (vanilla), prompt-lookup, model (a small LM with the target's tokenizer:
     ``draft`` = its directory or .gguf, or ``draft_layers`` = the target's first N layers), jakiro
     or eagle2 (``draft`` = a checkpoint directory, default the shipped one; ``candidate_mode``
-    overrides a Jakiro draft's). ``tree``: auto (sized for this machine from measured costs and the
-    draft's acceptance), fixed (the proposer's default tree or ``total_tokens`` / ``depth`` /
-    ``top_k``), or None: auto for model / jakiro / eagle2 unless a size is given, else fixed.
+    overrides a Jakiro draft's), hybrid (prompt lookup with a trained draft, ``draft`` as for
+    jakiro, default the shipped Jakiro draft; ``hybrid_mode`` merge, the default: the n-gram branch
+    merged into the draft's tree, or choose: per step the n-gram tree or the draft's, whichever is
+    expected to accept more). ``tree``: auto (sized for this machine from measured costs and the
+    draft's acceptance; for hybrid merge, of the merged trees; for choose, of the draft's own),
+    fixed (the proposer's default tree or ``total_tokens`` / ``depth`` / ``top_k``), or None: auto
+    for model / jakiro / eagle2 / hybrid unless a size is given, else fixed. Sizes: ``total_tokens``
+    proposed nodes, the root not counted; ``depth`` levels below the root (hybrid: the draft's tree;
+    a merge adds up to 10 n-gram nodes).
     """
 
     method: str = "none"
@@ -46,6 +52,7 @@ class DecoderSpec:
     total_tokens: int | None = None
     depth: int | None = None
     top_k: int | None = None
+    hybrid_mode: str | None = None
 
     @property
     def manual_tree(self) -> bool:
@@ -69,6 +76,8 @@ class DecoderSpec:
                 raise ParameterError(f"{{}} must be >= 1, got {value}", name)
         if self.method == "none" and self.manual_tree:
             raise ParameterError("{} / {} / {} need a {} other than none", "total_tokens", "depth", "top_k", "method")
+        if self.tree == "auto" and self.method == "prompt-lookup":
+            raise ParameterError("{} auto sizes a draft model's tree; {} prompt-lookup takes a fixed one", "tree", "method")
         if self.tree == "auto" and self.manual_tree:
             raise ParameterError("{} auto chooses {} / {} / {} itself; give one or the other", "tree",
                                  "total_tokens", "depth", "top_k")
@@ -83,7 +92,14 @@ class DecoderSpec:
         if self.method in ("none", "prompt-lookup") and self.draft:
             raise ParameterError("{} is not used with {} " + self.method, "draft", "method")
         if self.candidate_mode is not None and self.method not in DRAFT_METHODS:
-            raise ParameterError("{} is only used with {} jakiro or eagle2", "candidate_mode", "method")
+            raise ParameterError("{} is only used with {} jakiro, eagle2 or hybrid", "candidate_mode", "method")
+        if self.hybrid_mode is not None:
+            from .proposers.hybrid import MODES
+
+            if self.method != "hybrid":
+                raise ParameterError("{} is only used with {} hybrid", "hybrid_mode", "method")
+            if self.hybrid_mode not in MODES:
+                raise ParameterError(f"{{}} must be one of {', '.join(MODES)}, got {self.hybrid_mode!r}", "hybrid_mode")
         return self
 
 
@@ -131,11 +147,17 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         from .draft.model import load_draft, shipped_draft
         from .proposers.jakiro import JakiroProposer
 
-        path = Path(spec.draft or shipped_draft(spec.method)).resolve()
+        path = Path(spec.draft or shipped_draft("jakiro" if spec.method == "hybrid" else spec.method)).resolve()
         overrides = {"candidate_mode": spec.candidate_mode} if spec.candidate_mode else {}
         draft = load_draft(path, model, overrides=overrides)
         draft_id = f"{spec.method}:{file_sha256(path / 'model.safetensors')[:16]}:{spec.candidate_mode}"
-        return JakiroProposer(draft, model), draft_id, stored_acceptance(path, overrides)
+        proposer = JakiroProposer(draft, model)
+        if spec.method == "hybrid":
+            from .proposers.hybrid import HybridProposer
+
+            proposer = HybridProposer(proposer, mode=spec.hybrid_mode or "merge")
+            draft_id = f"{draft_id}:{proposer.mode}"
+        return proposer, draft_id, stored_acceptance(path, overrides)
     if spec.draft_layers:
         from .proposers.small_model import truncated_draft
 

@@ -9,15 +9,27 @@ CPU cores do not) and on the draft. So, for each candidate (total_tokens, depth,
     seconds per step = draft(depth, top_k) + verify(total_tokens + 1)   measured here
     choose the candidate with the most tokens per second; vanilla decoding is 1 / verify(1).
 
-Acceptance statistics come from greedy generations with one big tree: for every step the
-tree (parents, draft scores) and the path the target accepted are recorded. Under greedy
-verification the accepted path is fixed by the target's own choices, so the path a smaller
-tree would have accepted is the part of the recorded path that the smaller tree contains;
-the smaller tree is rebuilt inside the big one with EAGLE-2's rule (top_k children per
-expanded node, the top_k best nodes of a level expanded, the best total_tokens kept). The
-result is a table E[accepted | depth, top_k, total_tokens], stored with a draft checkpoint as
-``acceptance.json`` (machine-independent) or calibrated once and cached. Timings are
-machine-specific and cached per machine, model, draft and dtype.
+Acceptance statistics come from greedy generations on built-in prompts. At every step the
+draft drafts, at the same state, the tree of every grid depth with the largest top_k and every
+candidate kept (:meth:`propose_per_depth`: a real tree of that depth, so a Jakiro tree's last
+level comes from its contrastive branch, as when it decodes). Under greedy verification what a
+tree accepts is fixed by the target's own continuation, which the finished output holds (the
+output is the target's own), so every tree is scored against it: a smaller top_k or total_tokens
+is rebuilt inside the tree of its depth with EAGLE-2's rule (top_k children per expanded node,
+the top_k best nodes of a level expanded, the best total_tokens kept), and the path it would have
+accepted is the part of the continuation it contains. The table E[accepted | depth, top_k,
+total_tokens] is exact for the recorded steps (tested against trees built directly). The same
+steps give the table of a hybrid ``merge`` tree (the draft's tree plus prompt lookup's branch:
+it accepts the longer of the two matches) and its mean number of added n-gram nodes. Stored with
+a draft checkpoint as ``acceptance.json`` (machine-independent, ``version`` 2) or calibrated once
+and cached. Version-1 files (one recording with one depth-8 tree, every smaller depth rebuilt
+inside it) are still read: exact enough for EAGLE-2, optimistic for Jakiro trees shallower than 8
+levels; ``turbolm draft calibrate`` rewrites them. Timings are machine-specific and cached per
+machine, model, draft and dtype.
+
+Tree sizes everywhere: ``total_tokens`` counts the proposed nodes, not the root (the last
+committed token); ``depth`` counts levels below the root. EAGLE-2's "60 / 5 / 10" (60 with the
+root, depth 5 meaning 6 levels) is 59 / 6 / 10 here.
 """
 
 from __future__ import annotations
@@ -32,9 +44,10 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import TurboLMError
+from ..core.errors import ParameterError, TurboLMError
 from ..core.generation import synchronize
 from ..core.io import write_json
+from .proposers.base import Proposer
 from .tree import Tree, TreeConfig
 
 GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -58,6 +71,8 @@ CALIBRATION_PROMPTS = (
     "Give three tips for staying productive while working from home.",
 )
 ACCEPTANCE_FILE = "acceptance.json"
+ACCEPTANCE_VERSION = 2  # 1: one big tree, smaller depths rebuilt inside it; 2: every depth's own tree
+CONVENTION = "nodes excluding the root, depth in levels below it: EAGLE-2's 60 / 5 / 10 is 59 / 6 / 10 here"
 VERIFY_SIZES = (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33, 41, 49, 65)
 
 
@@ -81,17 +96,13 @@ class SizingGrid:
 # --- acceptance statistics -----------------------------------------------------------------------
 
 
-def subtree_path_ranks(parents: list[int], scores: list[float], path: list[int], depth: int, top_k: int) -> list[int]:
-    """Rebuild the (depth, top_k) EAGLE-2 tree inside a recorded tree and return, for each node
-    of the recorded accepted ``path`` that it contains (a prefix of the path), its rank among
-    the rebuilt tree's nodes by score. A tree keeping the best N nodes accepts
-    ``sum(r < N for r in ranks)`` of them (ranks grow along a path: a child never outranks
-    its parent). Children in ``parents`` must be in score order, as :class:`Tree` keeps them."""
-    children: list[list[int]] = [[] for _ in parents]
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        children[parents[i]].append(i)
-        depths[i] = depths[parents[i]] + 1
+def candidate_ranks(children: list[list[int]], scores: list[float], depths: list[int], depth: int,
+                    top_k: int) -> dict[int, int]:
+    """Rebuild the (depth, top_k) EAGLE-2 tree inside a recorded tree: ``{node: rank}`` for its
+    candidates, ranked by score as the final rerank ranks them (a tree keeping the best N nodes
+    holds those of rank < N). ``children`` must be in score order, as :class:`Tree` keeps them;
+    the recorded tree must hold every candidate of the rebuilt one (same depth, a top_k and every
+    candidate kept)."""
     candidates: list[int] = []
     level = children[0][:top_k]
     for d in range(1, depth + 1):
@@ -101,47 +112,90 @@ def subtree_path_ranks(parents: list[int], scores: list[float], path: list[int],
         expanded = sorted(level, key=lambda i: -scores[i])[:top_k]
         level = [c for e in expanded for c in children[e][:top_k]]
     order = sorted(candidates, key=lambda i: (-scores[i], depths[i]))
-    rank = {node: r for r, node in enumerate(order)}
-    ranks = []
+    return {node: r for r, node in enumerate(order)}
+
+
+def _path_ranks(rank: dict[int, int], path: list[int]) -> list[int]:
+    """Ranks of the part of ``path`` (root's child first) the rebuilt tree contains (a prefix: a
+    child never outranks its parent, so ranks grow along it)."""
+    out = []
     for node in path:
         if node not in rank:
             break
-        ranks.append(rank[node])
-    return ranks
+        out.append(rank[node])
+    return out
+
+
+def subtree_path_ranks(parents: list[int], scores: list[float], path: list[int], depth: int, top_k: int) -> list[int]:
+    """:func:`candidate_ranks` for a tree given by ``parents`` and ``scores``, of the nodes of
+    ``path`` the rebuilt tree contains. A tree keeping the best N nodes accepts
+    ``sum(r < N for r in ranks)`` of them."""
+    tree = Tree([0] * len(parents), parents, scores)
+    return _path_ranks(candidate_ranks(tree.children, scores, tree.depths, depth, top_k), path)
+
+
+def _follow(tree: Tree, tokens: list[int]) -> list[int]:
+    """The nodes of ``tree`` that spell the longest prefix of ``tokens``: the path greedy verification
+    accepts when ``tokens`` is the target's own continuation."""
+    path, node = [], 0
+    for tok in tokens:
+        node = next((c for c in tree.children[node] if tree.tokens[c] == tok), None)
+        if node is None:
+            break
+        path.append(node)
+    return path
+
+
+def _shared(tree: Tree, other: Tree) -> list[int]:
+    """The nodes of ``tree`` whose token path is also in ``other`` (same root)."""
+    mapped: list[int | None] = [0] + [None] * (len(other) - 1)
+    for j in range(1, len(other)):
+        parent = mapped[other.parents[j]]
+        if parent is not None:
+            mapped[j] = next((c for c in tree.children[parent] if tree.tokens[c] == other.tokens[j]), None)
+    return [m for m in mapped[1:] if m is not None]
+
+
+def ngram_settings(ngram) -> dict:
+    """What a hybrid ``merge`` table depends on: the prompt-lookup proposer's settings."""
+    return {"tree": asdict(ngram.tree), "max_ngram": ngram.max_ngram, "min_ngram": ngram.min_ngram}
 
 
 @dataclass
 class AcceptanceTable:
     """Mean accepted tree nodes per step (bonus token excluded) for every grid point:
-    ``accepted[depth][top_k][total_tokens]`` (string keys, as stored in JSON)."""
+    ``accepted[depth][top_k][total_tokens]`` (string keys, as stored in JSON).
+
+    ``version``: 1 for old files (one big tree, smaller depths rebuilt inside it: optimistic for
+    Jakiro's hybrid trees), 2 for exact tables. ``ngram``: version 2's table for a hybrid ``merge``
+    tree, ``{"settings", "accepted", "extra_nodes"}``, the latter the mean number of n-gram nodes
+    the merge adds to the draft's tree. ``extra_nodes``: set on the view :meth:`with_ngram` returns."""
 
     accepted: dict
     steps: int
     calibration: dict = field(default_factory=dict)
+    version: int = 1
+    ngram: dict = field(default_factory=dict)
+    extra_nodes: dict = field(default_factory=dict)
 
-    @classmethod
-    def from_steps(cls, steps: list[tuple[list[int], list[float], list[int]]], calibration: dict,
-                   grid: SizingGrid = SizingGrid()) -> AcceptanceTable:
-        if not steps:
-            raise TurboLMError("no speculative steps were recorded to measure the draft's acceptance")
-        big = TreeConfig(**calibration["tree"]) if "tree" in calibration else CALIBRATION_TREE
-        table: dict = {}
-        for d in grid.depths:
-            if d > big.depth:
-                continue
-            for k in grid.top_ks:
-                if k > big.top_k:
-                    continue
-                sums = dict.fromkeys(grid.total_tokens, 0)
-                for parents, scores, path in steps:
-                    ranks = subtree_path_ranks(parents, scores, path, d, k)
-                    for n in grid.total_tokens:
-                        sums[n] += sum(r < n for r in ranks)
-                table.setdefault(str(d), {})[str(k)] = {str(n): sums[n] / len(steps) for n in grid.total_tokens if n <= big.total_tokens}
-        return cls(accepted=table, steps=len(steps), calibration=calibration)
+    @property
+    def exact(self) -> bool:
+        return self.version >= ACCEPTANCE_VERSION
 
     def expected(self, tree: TreeConfig) -> float | None:
         return self.accepted.get(str(tree.depth), {}).get(str(tree.top_k), {}).get(str(tree.total_tokens))
+
+    def extra(self, tree: TreeConfig) -> float:
+        """Nodes verified beyond ``tree.total_tokens``, mean per step (the n-gram branch of a merge)."""
+        return self.extra_nodes.get(str(tree.depth), {}).get(str(tree.top_k), {}).get(str(tree.total_tokens), 0.0)
+
+    def with_ngram(self, settings: dict) -> AcceptanceTable | None:
+        """The table of the hybrid ``merge`` tree (the draft's tree plus prompt lookup's branch), if
+        it was recorded with these prompt-lookup ``settings`` (:func:`ngram_settings`)."""
+        if not self.ngram or self.ngram.get("settings") != settings:
+            return None
+        return AcceptanceTable(self.ngram["accepted"], self.steps, self.calibration, self.version,
+                               extra_nodes=self.ngram["extra_nodes"])
 
     def candidates(self) -> list[TreeConfig]:
         return [TreeConfig(int(n), int(d), int(k)) for d, ks in self.accepted.items() for k, ns in ks.items() for n in ns
@@ -158,27 +212,139 @@ class AcceptanceTable:
             raise TurboLMError(f"cannot read acceptance statistics {path}: {e}") from None
 
 
-def record_acceptance(generator, tokenizer, prompts: tuple[str, ...] = CALIBRATION_PROMPTS, max_new_tokens: int = 64,
-                      tree: TreeConfig = CALIBRATION_TREE, progress: bool = False,
-                      grid: SizingGrid = SizingGrid()) -> AcceptanceTable:
-    """Greedy generations with ``tree`` on ``prompts``; every step's tree and accepted path
-    becomes an :class:`AcceptanceTable`. ``generator`` is a SpeculativeGenerator."""
+class AcceptanceCounts:
+    """Sums over recorded steps for an :class:`AcceptanceTable`. Each step gives, for every depth,
+    the tree of that depth with ``max(top_ks)`` and every candidate kept, the target's own
+    continuation, and optionally the n-gram tree a hybrid ``merge`` would add."""
+
+    def __init__(self, depths, top_ks, totals):
+        self.depths, self.top_ks, self.totals = sorted(depths), sorted(top_ks), sorted(totals)
+        self.steps = 0
+
+        def zeros():
+            return {str(d): {str(k): {str(n): 0 for n in self.totals} for k in self.top_ks} for d in self.depths}
+
+        self.sums, self.merged, self.added = zeros(), zeros(), zeros()
+
+    def add(self, trees: dict[int, Tree], continuation: list[int], ngram: Tree | None = None) -> None:
+        self.steps += 1
+        ngram_accepts = len(_follow(ngram, continuation)) if ngram is not None else 0
+        for d in self.depths:
+            tree = trees[d]
+            path = _follow(tree, continuation)
+            shared = _shared(tree, ngram) if ngram is not None else []
+            for k in self.top_ks:
+                rank = candidate_ranks(tree.children, tree.scores, tree.depths, d, k)
+                ranks = _path_ranks(rank, path)
+                shared_ranks = [rank[n] for n in shared if n in rank]
+                sums, merged, added = self.sums[str(d)][str(k)], self.merged[str(d)][str(k)], self.added[str(d)][str(k)]
+                for n in self.totals:
+                    accepts = sum(r < n for r in ranks)
+                    sums[str(n)] += accepts
+                    if ngram is not None:
+                        merged[str(n)] += max(accepts, ngram_accepts)
+                        added[str(n)] += len(ngram) - 1 - sum(r < n for r in shared_ranks)
+
+    def table(self, calibration: dict, ngram: dict | None = None) -> AcceptanceTable:
+        """The means; ``ngram``: the prompt-lookup settings of the n-gram trees given to :meth:`add`."""
+        if not self.steps:
+            raise TurboLMError("no speculative steps were recorded to measure the draft's acceptance")
+
+        def mean(sums):
+            return {d: {k: {n: v / self.steps for n, v in ns.items()} for k, ns in ks.items()} for d, ks in sums.items()}
+
+        extra = {"settings": ngram, "accepted": mean(self.merged), "extra_nodes": mean(self.added)} if ngram else {}
+        return AcceptanceTable(mean(self.sums), self.steps, calibration, ACCEPTANCE_VERSION, extra)
+
+
+class AcceptanceRecorder(Proposer):
+    """Wraps a draft proposer for calibration. Each step the draft drafts, at one state, the tree
+    of every recorded depth with ``tree``'s top_k and every candidate kept, and the engine verifies
+    the deepest one cut to ``tree.total_tokens`` nodes. Steps whose root is one of the first
+    ``max_new_tokens`` answer tokens are scored once the target's own continuation is known (the
+    answer ``lookahead`` tokens further on): generate ``max_new_tokens + lookahead`` tokens and call
+    :meth:`finish` with the whole sequence after each generation."""
+
+    def __init__(self, proposer, grid: SizingGrid, tree: TreeConfig, ngram=None, max_new_tokens: int = 64):
+        depths = [d for d in grid.depths if d <= tree.depth]
+        top_ks = [k for k in grid.top_ks if k <= tree.top_k]
+        if not hasattr(proposer, "propose_per_depth"):
+            raise TurboLMError(f"cannot measure the acceptance of {proposer.name}: it does not draft a dynamic tree")
+        if not depths or not top_ks:
+            raise ParameterError(f"{{}} has no depth / top_k within the calibration tree {tree}", "grid")
+        deepest, k = max(depths), max(top_ks)
+        every = k + (deepest - 1) * k * k  # candidates of a depth-D, top-k tree
+        if every > 1024:
+            raise ParameterError(f"{{}}: a depth-{deepest}, top-k {k} tree has {every} candidates; at most 1024 can "
+                                 "be recorded", "grid")
+        super().__init__(TreeConfig(tree.total_tokens, deepest, k))  # the tree verified each step
+        self.inner, self.name, self.needs_features = proposer, proposer.name, proposer.needs_features
+        self.every = TreeConfig(every, deepest, k)
+        self.ngram = ngram
+        self.counts = AcceptanceCounts(depths, top_ks, grid.total_tokens)
+        self.lookahead = max(deepest, ngram.tree.depth if ngram is not None else 0)
+        self.max_new_tokens = max_new_tokens
+        self._prompt_length = 0
+        self._open: list = []  # (context length, trees, n-gram tree) waiting for their continuation
+
+    def check_compatible(self, target, tokenizer) -> None:
+        self.inner.check_compatible(target, tokenizer)
+
+    def start(self, prompt_ids, features=None) -> None:
+        self._open, self._prompt_length = [], len(prompt_ids)
+        self.inner.start(prompt_ids, features)
+
+    def propose(self, context: list[int], max_depth: int) -> Tree:
+        trees = self.inner.propose_per_depth(context, self.every, self.counts.depths)
+        if len(context) - self._prompt_length <= self.max_new_tokens:
+            ngram = self.ngram.propose(context, self.ngram.tree.depth) if self.ngram is not None else None
+            self._open.append((len(context), trees, ngram))
+        return trees[self.tree.depth].best(self.tree.total_tokens)
+
+    def accepted(self, context, n_new, features=None) -> None:
+        self.inner.accepted(context, n_new, features)
+        self._score(context, final=False)
+
+    def finish(self, token_ids: list[int]) -> None:
+        """The generation ended with ``token_ids`` (prompt and answer): score the steps left (a
+        continuation cut short by the end of the answer counts as far as it goes)."""
+        self._score(token_ids, final=True)
+
+    def _score(self, ids: list[int], final: bool) -> None:
+        waiting = []
+        for n, trees, ngram in self._open:
+            if len(ids) < n + self.lookahead and not final:
+                waiting.append((n, trees, ngram))
+            else:
+                self.counts.add(trees, ids[n : n + self.lookahead], ngram)
+        self._open = waiting
+
+
+def record_acceptance(target, tokenizer, proposer, prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
+                      max_new_tokens: int = 64, tree: TreeConfig = CALIBRATION_TREE, progress: bool = False,
+                      grid: SizingGrid = SizingGrid(), ngram=None) -> AcceptanceTable:
+    """Greedy generations of up to ``max_new_tokens`` scored steps on ``prompts`` with a draft
+    ``proposer`` (one with ``propose_per_depth``: JakiroProposer, ModelProposer); the
+    :class:`AcceptanceTable` of every grid point within ``tree``, and of hybrid ``merge`` trees
+    with ``ngram`` (default: prompt lookup's defaults, as the hybrid proposer uses them). Costs
+    greedy generation with ``tree`` (the trees of smaller depths share its draft forwards), plus
+    ``lookahead`` more tokens per prompt, one draft lm_head per shallower hybrid tree's last level
+    and the scoring."""
     from tqdm.auto import tqdm
 
     from ..core.chat import encode_prompt
+    from .engine import SpeculativeGenerator
+    from .proposers.prompt_lookup import PromptLookupProposer
 
-    steps: list = []
-    saved_tree, saved_hook = generator.proposer.tree, generator.on_step
-    generator.proposer.tree = tree
-    generator.on_step = lambda t, path: steps.append((t.parents, [round(s, 4) for s in t.scores], path))
-    try:
-        for p in tqdm(prompts, desc="calibrating acceptance", unit="prompt", disable=not progress):
-            generator.generate(encode_prompt(tokenizer, p), max_new_tokens=max_new_tokens)
-    finally:
-        generator.proposer.tree, generator.on_step = saved_tree, saved_hook
-    calibration = {"tree": asdict(tree), "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-                   "dtype": str(generator.target.dtype).replace("torch.", "")}
-    return AcceptanceTable.from_steps(steps, calibration, grid)
+    ngram = ngram or PromptLookupProposer()
+    recorder = AcceptanceRecorder(proposer, grid, tree, ngram, max_new_tokens)
+    gen = SpeculativeGenerator(target, tokenizer, recorder)
+    for p in tqdm(prompts, desc="calibrating acceptance", unit="prompt", disable=not progress):
+        ids = encode_prompt(tokenizer, p)
+        recorder.finish(ids + gen.generate(ids, max_new_tokens=max_new_tokens + recorder.lookahead).token_ids)
+    calibration = {"tree": asdict(recorder.tree), "every_depth": True, "prompts": len(prompts),
+                   "max_new_tokens": max_new_tokens, "dtype": str(target.dtype).replace("torch.", "")}
+    return recorder.counts.table(calibration, ngram_settings(ngram))
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -275,6 +441,8 @@ class TreeChoice:
     draft_seconds: float
     verify_seconds: float
     vanilla_seconds: float  # one target forward over one token: vanilla decoding's step
+    ngram_nodes: float = 0.0  # hybrid merge: n-gram nodes verified beyond tree.total_tokens, mean per step
+    exact: bool = True  # False: from a version-1 acceptance table (optimistic for Jakiro's hybrid trees)
 
     @property
     def step_seconds(self) -> float:
@@ -286,12 +454,16 @@ class TreeChoice:
 
     def explain(self) -> str:
         t = self.tree
-        msg = (f"tree auto: {t.total_tokens} tokens, depth {t.depth}, top-k {t.top_k}: expected "
+        extra = f" + {self.ngram_nodes:.1f} n-gram nodes on average" if self.ngram_nodes else ""
+        msg = (f"tree auto: {t.total_tokens} nodes, depth {t.depth}, top-k {t.top_k}{extra} ({CONVENTION}): expected "
                f"{self.tokens_per_step:.2f} tokens per step at {self.step_seconds * 1e3:.0f} ms "
                f"(draft {self.draft_seconds * 1e3:.0f} + verify {self.verify_seconds * 1e3:.0f}) "
                f"vs vanilla {self.vanilla_seconds * 1e3:.0f} ms per token: {self.expected_speedup:.2f}x")
         if self.expected_speedup < 1:
             msg += " (no tree is expected to beat vanilla decoding on this machine)"
+        if not self.exact:
+            msg += (" (acceptance from a version-1 table, recorded with one big tree: optimistic for Jakiro trees "
+                    "shallower than it; `turbolm draft calibrate` rewrites it)")
         return msg
 
 
@@ -317,8 +489,9 @@ def choose_tree(acceptance: AcceptanceTable, verify_s: dict[int, float], draft_s
         d = per_k.get(tree.top_k, per_k.get(str(tree.top_k)))
         if d is None:
             continue
-        choice = TreeChoice(tree, 1 + acceptance.expected(tree), d, _interpolate(verify_s, tree.total_tokens + 1),
-                            _interpolate(verify_s, 1))
+        extra = acceptance.extra(tree)  # a merge's n-gram nodes: verified at their mean number
+        choice = TreeChoice(tree, 1 + acceptance.expected(tree), d, _interpolate(verify_s, tree.total_tokens + 1 + extra),
+                            _interpolate(verify_s, 1), extra, acceptance.exact)
         if best is None or choice.tokens_per_step / choice.step_seconds > best.tokens_per_step / best.step_seconds:
             best = choice
     if best is None:
@@ -342,15 +515,37 @@ def timing_key(target, proposer, draft_id: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _roles(proposer):
+    """``(recorded, timed, merged_ngram)``: the draft proposer whose acceptance is recorded, the
+    proposer whose drafting is timed, and for a hybrid ``merge`` its n-gram proposer (the table of
+    merged trees applies). A hybrid ``choose`` is sized as its draft alone."""
+    from .proposers.hybrid import HybridProposer
+
+    if not isinstance(proposer, HybridProposer):
+        return proposer, proposer, None
+    if proposer.mode == "merge":
+        return proposer.drafter, proposer, proposer.ngram
+    return proposer.drafter, proposer.drafter, None
+
+
+def _applicable(table: AcceptanceTable | None, ngram) -> AcceptanceTable | None:
+    if table is None or ngram is None:
+        return table
+    return table.with_ngram(ngram_settings(ngram))
+
+
 def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id: str = "", progress: bool = True,
               log=None, grid: SizingGrid = SizingGrid()) -> TreeChoice:
     """Choose the tree for ``generator`` (a SpeculativeGenerator) on this machine among ``grid``,
-    set it, and return the choice. ``acceptance``: the draft's stored statistics (None: calibrate
-    and cache). Timings are cached under the turbolm cache directory, keyed by :func:`timing_key`."""
+    set it, and return the choice. ``acceptance``: the draft's stored statistics (None, or without
+    what this proposer needs: calibrate and cache). Timings are cached under the turbolm cache
+    directory, keyed by :func:`timing_key`. A hybrid ``merge`` proposer is sized with the table of
+    merged trees; a hybrid ``choose`` one as its draft alone."""
     from ..core.models import cache_root
 
     log = log or (lambda msg: None)
     target, proposer = generator.target, generator.proposer
+    recorded, timed, merged_ngram = _roles(proposer)
     key = timing_key(target, proposer, draft_id + grid.key())
     path = cache_root() / "tree-sizing" / f"{key}.json"
     cached = {}
@@ -360,24 +555,26 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
         except ValueError:
             cached = {}
     measured = False
-    if acceptance is None and "acceptance" in cached:
-        acceptance = AcceptanceTable(**cached["acceptance"])
-    if acceptance is None:
+    table = _applicable(acceptance, merged_ngram)
+    if table is None and cached.get("acceptance", {}).get("version", 1) >= ACCEPTANCE_VERSION:
+        table = _applicable(AcceptanceTable(**cached["acceptance"]), merged_ngram)
+    if table is None:
         log("tree auto: measuring this draft's acceptance once (greedy, a few short prompts) ...")
-        acceptance = record_acceptance(generator, generator.tokenizer, grid.prompts, grid.max_new_tokens,
-                                       progress=progress, grid=grid)
-        cached["acceptance"] = asdict(acceptance)
+        full = record_acceptance(target, generator.tokenizer, recorded, grid.prompts, grid.max_new_tokens,
+                                 progress=progress, grid=grid, ngram=getattr(proposer, "ngram", None))
+        cached["acceptance"] = asdict(full)
+        table = _applicable(full, merged_ngram)
         measured = True
     if "verify_seconds" not in cached:
         log("tree auto: timing the target and the draft on this machine once (cached) ...")
         cached["verify_seconds"] = time_verification(target, grid.verify_sizes)
-        cached["draft_seconds"] = time_drafting(proposer, target, generator.tokenizer, grid.depths, grid.top_ks)
+        cached["draft_seconds"] = time_drafting(timed, target, generator.tokenizer, grid.depths, grid.top_ks)
         measured = True
     if measured:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cached, indent=None)
     draft_s = {int(d): {int(k): v for k, v in ks.items()} for d, ks in cached["draft_seconds"].items()}
-    choice = choose_tree(acceptance, cached["verify_seconds"], draft_s)
+    choice = choose_tree(table, cached["verify_seconds"], draft_s)
     proposer.tree = choice.tree
     return choice
 
@@ -392,13 +589,13 @@ def stored_acceptance(draft_dir: str | os.PathLike | None, overrides: dict | Non
 
 def calibrate_draft(draft_dir: str | os.PathLike, target, tokenizer, *, max_new_tokens: int = 128,
                     tree: TreeConfig = CALIBRATION_TREE, progress: bool = True) -> AcceptanceTable:
-    """Measure a draft checkpoint's acceptance (greedy, the built-in prompts, one big tree) and
-    store it as ``acceptance.json`` beside the weights, for ``--tree auto`` on any machine."""
+    """Measure a draft checkpoint's acceptance (:func:`record_acceptance`: greedy, the built-in
+    prompts, every grid depth's own tree) and store it as ``acceptance.json`` beside the weights,
+    for ``--tree auto`` on any machine (the draft alone, and hybrid ``merge`` trees)."""
     from .draft.model import load_draft
-    from .engine import SpeculativeGenerator
     from .proposers.jakiro import JakiroProposer
 
-    gen = SpeculativeGenerator(target, tokenizer, JakiroProposer(load_draft(draft_dir, target), target))
-    table = record_acceptance(gen, tokenizer, max_new_tokens=max_new_tokens, tree=tree, progress=progress)
+    proposer = JakiroProposer(load_draft(draft_dir, target), target)
+    table = record_acceptance(target, tokenizer, proposer, max_new_tokens=max_new_tokens, tree=tree, progress=progress)
     table.save(Path(draft_dir) / ACCEPTANCE_FILE)
     return table

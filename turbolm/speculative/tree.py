@@ -86,6 +86,11 @@ class Tree:
             mask[i, i] = True
         return mask
 
+    def best(self, total: int) -> Tree:
+        """The ``total`` best nodes by score (EAGLE-2's rerank, as :func:`build_dynamic_tree` keeps them):
+        a tree built with a large ``total_tokens``, cut to a smaller one."""
+        return _keep_best(self.tokens, self.parents, self.scores, self.depths, total)
+
     def limited(self, max_depth: int, max_nodes: int | None = None) -> Tree:
         """The same tree without nodes deeper than ``max_depth`` (and beyond ``max_nodes`` proposed nodes)."""
         keep = [i for i in range(len(self)) if self.depths[i] <= max_depth]
@@ -197,11 +202,36 @@ def build_dynamic_tree(
             new.append(len(tokens))
             tokens.append(indices[row][col]), parents.append(frontier[row]), scores.append(score), depths.append(level)
         frontier = sorted(new, key=lambda i: -scores[i])[:k]
-    # Rerank: ties broken by depth, so a parent is never dropped in favour of its equal-scored child.
-    ranked = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depths[i]))[: config.total_tokens]
+    return _keep_best(tokens, parents, scores, depths, config.total_tokens)
+
+
+def _keep_best(tokens, parents, scores, depths, total: int) -> Tree:
+    """EAGLE-2's rerank: the ``total`` best candidates by cumulative score, as a breadth-first Tree.
+    Ties are broken by depth, so a parent is never dropped in favour of its equal-scored child."""
+    ranked = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depths[i]))[:total]
     keep = [0] + sorted(ranked, key=lambda i: (depths[i], -scores[i]))
     index = {old: new for new, old in enumerate(keep)}
     return Tree([tokens[i] for i in keep], [index[parents[i]] if i else -1 for i in keep], [scores[i] for i in keep])
+
+
+def merge_trees(first: Tree, second: Tree) -> tuple[Tree, int]:
+    """The trie union of two trees with the same root: ``second``'s nodes hang under ``first``'s
+    matching nodes (same token path), so siblings stay distinct tokens (what lossless sampling
+    needs) and the longest path the target accepts is the longer of the two trees' own.
+    ``first``'s nodes keep their order; each added node takes its parent's score, so it is tried
+    before the parent's ``first`` children. Returns the merged tree and the number of added nodes."""
+    if first.tokens[0] != second.tokens[0]:
+        raise ValueError("merge_trees needs trees with the same root")
+    tokens, parents, scores = list(first.tokens), list(first.parents), list(first.scores)
+    node_of = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
+    mapped = [0] * len(second)
+    for j in range(1, len(second)):  # parents come first, so a parent is always mapped already
+        key = (mapped[second.parents[j]], second.tokens[j])
+        if key not in node_of:
+            node_of[key] = len(tokens)
+            tokens.append(key[1]), parents.append(key[0]), scores.append(scores[key[0]])
+        mapped[j] = node_of[key]
+    return Tree(tokens, parents, scores), len(tokens) - len(first)
 
 
 def tree_from_sequences(root: int, sequences: Sequence[Sequence[int]], weights: Sequence[float] | None = None) -> Tree:

@@ -38,3 +38,12 @@ class Proposer:
         """The step committed ``n_new`` tokens; ``context`` now ends with them. With
         ``needs_features``, ``features`` (n_new, H) are the target's features at the positions
         the verification computed: the previous root and the accepted nodes."""
+
+    @property
+    def max_nodes(self) -> int:
+        """The most proposed nodes a tree of this proposer has (the engine cuts anything beyond)."""
+        return self.tree.total_tokens
+
+    def stats(self) -> dict:
+        """Proposer-specific statistics of the current generation, added to the result's ``stats``."""
+        return {}

@@ -16,10 +16,12 @@ accepted ones with the target's true features.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from ...core.errors import TurboLMError
-from ..draft.model import DraftModel, KVCache
+from ..draft.model import DraftModel, DraftOutput, KVCache
 from ..tree import Tree, TreeConfig, build_dynamic_tree, frontier_attention
 from .base import Proposer
 
@@ -41,6 +43,7 @@ class JakiroProposer(Proposer):
             optimize_for_small_batches(draft)
         self.cache = KVCache()
         self.pending: list[torch.Tensor] = []
+        self.root_output: DraftOutput | None = None  # the root entry's output at the last catch-up
 
     def check_compatible(self, target, tokenizer) -> None:
         from ...core.models import identity_mismatch
@@ -52,6 +55,7 @@ class JakiroProposer(Proposer):
     def start(self, prompt_ids, features=None) -> None:
         self.cache = KVCache()
         self.pending = [features]
+        self.root_output = None
 
     def accepted(self, context, n_new, features=None) -> None:
         self.pending.append(features)
@@ -84,31 +88,73 @@ class JakiroProposer(Proposer):
         best = per_expert.max(1)  # best distinct tokens across the experts
         return best.values, lambda r, tok: eh[r, int(best.indices[r, tok])]
 
-    def propose(self, context: list[int], max_depth: int) -> Tree:
-        root = context[-1]
-        depth = min(self.tree.depth, max_depth)
-        # Catch up: entries (x_{j+1}, f_j) for every committed position without an entry yet.
-        feats = torch.cat([f for f in self.pending if f is not None]).to(self.lm_head.dtype)
+    def _catch_up(self, context: list[int]) -> int:
+        """Feed the draft one entry ``(x_{j+1}, f_j)`` for every committed position without one yet
+        and keep the root entry's output (tree level 1, and its contrastive output); return the
+        cache length, one entry per committed position but the root's successor. Without new
+        entries (a second proposal at the same context) nothing runs."""
+        new = [f for f in self.pending if f is not None]
         self.pending = []
-        start = len(self.cache)
-        n = feats.shape[0]
-        out = self._run(context[start + 1 : start + 1 + n], feats, list(range(start, start + n)))
-        base = len(self.cache)  # entries for every committed position but the root's successor
-        if depth < 1:
-            return Tree.root_only(root)
-        root_lp, root_child_feature = self._candidates(out, slice(n - 1, n))
+        if new:
+            feats = torch.cat(new).to(self.lm_head.dtype)  # [n, H]
+            start, n = len(self.cache), feats.shape[0]
+            out = self._run(context[start + 1 : start + 1 + n], feats, list(range(start, start + n)))
+            rows = {f.name: getattr(out, f.name) for f in fields(out)}  # the root entry's row of each output
+            self.root_output = DraftOutput(**{k: None if t is None else t[:, n - 1 : n] for k, t in rows.items()})
+        if self.root_output is None:
+            raise TurboLMError("the draft proposer was asked for a tree before start()")
+        return len(self.cache)
+
+    def propose(self, context: list[int], max_depth: int) -> Tree:
+        base = self._catch_up(context)
+        try:
+            return self._tree_builder(context[-1], base)(self.tree, max_depth)
+        finally:
+            self.cache.truncate(base)
+
+    def propose_per_depth(self, context: list[int], tree: TreeConfig, depths) -> dict[int, Tree]:
+        """For each depth d in ``depths``: exactly the tree :meth:`propose` returns with ``tree``'s
+        total_tokens and top_k and depth d (a hybrid tree's last level comes from the contrastive
+        branch), all at the current draft state. Levels the trees share are drafted once: a depth-D
+        tree costs D-1 forwards (hybrid), and every shallower one comes with it (for --tree auto's
+        acceptance statistics)."""
+        base = self._catch_up(context)
+        build = self._tree_builder(context[-1], base)
+        try:
+            return {d: build(TreeConfig(tree.total_tokens, d, tree.top_k), d) for d in sorted(depths)}
+        finally:
+            self.cache.truncate(base)
+
+    def _tree_builder(self, root: int, base: int):
+        """``build(config, max_depth) -> Tree`` after the root entry at cache length ``base``.
+
+        Builds with the same top_k share their expansions: EAGLE-2's frontier at a level does not
+        depend on how deep the tree will go, so a level drafted for one depth is the same level in
+        any deeper tree (only a hybrid tree's last level differs: it comes from the contrastive
+        output of the previous forward)."""
+        out = self.root_output
         # Node bookkeeping by candidate id: the feature each node is fed, and (Jakiro) the
         # contrastive feature its grandchildren's distribution comes from.
         feature = {}
         two_ahead = {0: out.contrastive[0, -1]} if self.hybrid else {}  # contrastive features
-        child_feature = {0: root_child_feature}  # candidate id -> feature-for-child function
+        child_feature = {}  # candidate id -> feature-for-child function
+        root_lp = []  # the root's log-probs, computed by the first build that needs them
         row_of = {0: 0}
         slot: dict[int, int] = {}
+        done: dict[tuple[int, bool], tuple[list[int], torch.Tensor]] = {}  # (level, last) -> (frontier, log-probs)
+        depth = 0
 
         def expand(frontier, tokens, parents, depths):
             level = depths[frontier[0]] + 1
-            if self.hybrid and level == depth:  # the last level: contrastive output of the grandparent
-                return self._logprobs(torch.stack([two_ahead[parents[f]] for f in frontier]))
+            last = self.hybrid and level == depth
+            if (level, last) in done:
+                seen, lp = done[(level, last)]
+                assert seen == frontier, "builds sharing expansions must have the same frontiers"
+                return lp
+            if last:  # the last level: contrastive output of the grandparent
+                lp = self._logprobs(torch.stack([two_ahead[parents[f]] for f in frontier]))
+                done[(level, last)] = (list(frontier), lp)
+                return lp
             for f in frontier:
                 feature[f] = child_feature[parents[f]](row_of[parents[f]], tokens[f])
             first = base + len(slot)
@@ -126,9 +172,17 @@ class JakiroProposer(Proposer):
                 child_feature[f], row_of[f] = feat_fn, j
                 if self.hybrid:
                     two_ahead[f] = o.contrastive[0, j]
+            done[(level, last)] = (list(frontier), lp)
             return lp
 
-        try:
-            return build_dynamic_tree(root, root_lp[0], expand, self.tree, max_depth)
-        finally:
-            self.cache.truncate(base)
+        def build(config: TreeConfig, max_depth: int) -> Tree:
+            nonlocal depth
+            depth = min(config.depth, max_depth)
+            if depth < 1:
+                return Tree.root_only(root)
+            if not root_lp:
+                lp, child_feature[0] = self._candidates(out, slice(0, 1))
+                root_lp.append(lp[0])
+            return build_dynamic_tree(root, root_lp[0], expand, config, max_depth)
+
+        return build

@@ -16,6 +16,7 @@ class PromptLookupProposer(Proposer):
     The longest n-gram that matches wins; up to ``tree.top_k`` different continuations
     (most recent match first, each at most ``tree.depth`` tokens) are merged into a trie
     of at most ``tree.total_tokens`` nodes. No match: an empty tree (a plain decode step).
+    ``match_length`` is the n-gram length the last proposal matched (0: none).
     """
 
     name = "prompt-lookup"
@@ -26,10 +27,12 @@ class PromptLookupProposer(Proposer):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.match_length = 0
 
     def propose(self, context: list[int], max_depth: int) -> Tree:
         depth = min(self.tree.depth, max_depth)
         root = context[-1]
+        self.match_length = 0
         if depth < 1:
             return Tree.root_only(root)
         n_ctx = len(context)
@@ -46,6 +49,7 @@ class PromptLookupProposer(Proposer):
                         if len(found) >= self.tree.top_k:
                             break
             if found:
+                self.match_length = n
                 weights = [len(found) - i for i in range(len(found))]  # more recent = preferred
                 return tree_from_sequences(root, found, weights).limited(depth, self.tree.total_tokens)
         return Tree.root_only(root)

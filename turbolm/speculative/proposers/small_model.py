@@ -74,6 +74,21 @@ class ModelProposer(Proposer):
             truncate(self.cache, self.n_cached)
 
 
+    def propose_per_depth(self, context: list[int], tree: TreeConfig, depths) -> dict[int, Tree]:
+        """For each depth d in ``depths``: the tree :meth:`propose` returns with ``tree``'s total_tokens
+        and top_k and depth d. Every level is drafted autoregressively and EAGLE-2's frontier at a
+        level does not depend on how deep the tree goes, so the deepest tree with every candidate
+        kept, cut at depth d and reranked, is the depth-d tree: one proposal serves all depths."""
+        deepest, k = max(depths), tree.top_k
+        saved = self.tree
+        self.tree = TreeConfig(min(1024, k + (deepest - 1) * k * k), deepest, k)  # every candidate
+        try:
+            full = self.propose(context, deepest)
+        finally:
+            self.tree = saved
+        return {d: full.limited(d).best(tree.total_tokens) for d in depths}
+
+
 def truncated_draft(model, n_layers: int):
     """A draft made of the target's first ``n_layers`` decoder layers, final norm and lm_head.
 
