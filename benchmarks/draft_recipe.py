@@ -111,6 +111,10 @@ ABLATIONS = {
     "jakiro+init+decoupled": dict(arch="jakiro", init="target", candidate_mode="decoupled"),
     "jakiro+init+refopt": dict(arch="jakiro", init="target", clip_mode="value", weight_decay=1e-3),
     "jakiro+init+ttt3": dict(arch="jakiro", init="target", ttt_steps=3),
+    "jakiro+ttt3": dict(arch="jakiro", ttt_steps=3),
+    "jakiro+ranked": dict(arch="jakiro", contrastive_pairing="ranked"),
+    "jakiro+decoupled": dict(arch="jakiro", candidate_mode="decoupled"),
+    "jakiro+refopt": dict(arch="jakiro", clip_mode="value", weight_decay=1e-3),
 }
 
 
@@ -123,7 +127,7 @@ def _train(name: str, data: Path, out: Path, **settings) -> dict:
         print(f"== {name}: {settings}", flush=True)
         train(cfg, resume=(out / "latest.json").is_file(), progress=False)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    state = json.loads((out / "latest.json").read_text()) if (out / "latest.json").is_file() else {}
+    state = json.loads((out / json.loads((out / "latest.json").read_text())["state"] / "state.json").read_text())
     return {"name": name, "settings": settings, "eval": [r for r in rows if "eval" in r][-1]["eval"],
             "steps": rows[-1]["step"], "minutes": round(state.get("seconds", 0) / 60, 1)}
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from turbolm import encode_prompt, generate, load_target
+from turbolm.core.machine import describe_machine
 from turbolm.speculative import SpeculativeGenerator, TreeConfig
 from turbolm.speculative.draft.model import load_draft
+from turbolm.speculative.proposers.hybrid import HybridProposer
 from turbolm.speculative.proposers.jakiro import JakiroProposer
+from turbolm.speculative.proposers.prompt_lookup import PromptLookupProposer
 
 GROUPS = {  # Spec-Bench's six task groups; MT-bench's eight categories form one
     **{c: "mt_bench" for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")},
@@ -31,8 +33,12 @@ GROUPS = {  # Spec-Bench's six task groups; MT-bench's eight categories form one
 }
 
 
-def pick_questions(path: Path, per_group: int) -> list[dict]:
+def pick_questions(path: Path, per_group: int, per_category: int = 0) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if per_category:  # the first N of each of the 13 categories (MT-bench's 8 and the other 5)
+        seen = collections.Counter()
+        return [{**r, "group": r["category"]} for r in rows
+                if (seen.update([r["category"]]) or seen[r["category"]] <= per_category)]
     by_group = collections.defaultdict(list)
     for r in rows:
         by_group[GROUPS[r["category"]]].append(r)
@@ -46,8 +52,11 @@ def pick_questions(path: Path, per_group: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench" / "question.jsonl"))
-    ap.add_argument("--draft", action="append", required=True, metavar="NAME=DIR[:MODE]", help="a draft checkpoint (repeatable)")
+    ap.add_argument("--draft", action="append", required=True, metavar="NAME=DIR[:MODE]",
+                    help="a draft checkpoint (repeatable); a NAME starting with 'hybrid' merges prompt lookup into its tree")
+    ap.add_argument("--prompt-lookup", action="store_true", help="also prompt lookup (its own default tree)")
     ap.add_argument("--per-group", type=int, default=10)
+    ap.add_argument("--per-category", type=int, default=0, help="instead of --per-group: the first N of each category")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--total-tokens", type=int, default=60)
     ap.add_argument("--depth", type=int, default=5)
@@ -65,11 +74,16 @@ def main() -> None:
         name, _, where = spec.partition("=")
         path, _, mode = where.partition(":")
         draft = load_draft(path, target, overrides={"candidate_mode": mode} if mode else None)
-        methods[name] = SpeculativeGenerator(target, tok, JakiroProposer(draft, target, tree))
-    questions = pick_questions(Path(args.questions), args.per_group)
+        proposer = JakiroProposer(draft, target, tree)
+        if name.startswith("hybrid"):  # prompt lookup merged into the draft's tree
+            proposer = HybridProposer(proposer, mode="merge")
+        methods[name] = SpeculativeGenerator(target, tok, proposer)
+    if args.prompt_lookup:
+        methods["prompt-lookup"] = SpeculativeGenerator(target, tok, PromptLookupProposer())
+    questions = pick_questions(Path(args.questions), args.per_group, args.per_category)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    machine = {"cpu": describe_machine(), "threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(0) if target.device.type == "cuda" else None,
                "torch": torch.__version__, "dtype": str(target.dtype), "tree": vars(tree), "max_new_tokens": args.max_new_tokens}
     print(json.dumps(machine))
