@@ -32,7 +32,7 @@ def test_shipped_draft_is_lossless_and_accepted(default_model, arch, mode):
 
 
 def test_demo_on_the_default_model(capsys):
-    """`make demo`'s command: shipped Jakiro draft, stored acceptance statistics, tree sized for
+    """`make demo`'s command: hybrid (prompt lookup + the shipped Jakiro draft), stored acceptance statistics, tree sized for
     this machine, fast CPU kernels where they help; every answer identical to vanilla's."""
     from turbolm.cli import main
 
