@@ -10,7 +10,8 @@ output predicts f_{j+2}. Loss (the paper's, weights are flags):
 counted where the predicted token is an answer token, with uniform noise on the input
 features. With ``ttt_steps`` K > 1 (training-time test, EAGLE-3) the draft is also run on its
 own predicted features for K steps, as inside a tree, and the same loss is counted at every
-step (averaged over the steps), so agreement does not decay along the tree. The target's embedding and lm_head are frozen and never saved with the draft.
+step (averaged over the steps), so agreement does not decay along the tree. The target's
+embedding and lm_head are frozen and never saved with the draft.
 Resume is exact: the training state (draft, AdamW moments, schedule, data position) is
 saved atomically in safetensors + JSON, data order and noise derive from (seed, epoch, step).
 """
