@@ -155,7 +155,7 @@ def test_demo_compares_with_vanilla(capsys, tiny_dir, tmp_path, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0 and out.count(">>> ") == 3 and "tree auto:" in err
     table = out[out.index("| prompt |"):].splitlines()
-    assert table[0].startswith("| prompt | tokens | vanilla tok/s | jakiro tok/s | speedup | tau | identical |")
+    assert table[0].startswith("| prompt | tokens | vanilla tok/s | hybrid tok/s | speedup | tau | identical |")
     assert len(table) == 2 + 3 + 1 and all(line.endswith("| yes |") for line in table[2:])
     rc = main(["demo", "--model", str(tiny_dir), "--speculative", "none", "--max-new-tokens", "5"])
     assert rc == 0 and "| prompt | tokens | vanilla tok/s |" in capsys.readouterr().out
