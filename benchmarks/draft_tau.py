@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from turbolm import encode_prompt, generate, load_target
+from turbolm.bench.specbench import load_questions, select_questions
 from turbolm.core.machine import describe_machine
 from turbolm.speculative import SpeculativeGenerator, TreeConfig
 from turbolm.speculative.draft.model import load_draft
@@ -35,10 +36,10 @@ GROUPS = {  # Spec-Bench's six task groups; MT-bench's eight categories form one
 
 def pick_questions(path: Path, per_group: int, per_category: int = 0) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if per_category:  # the first N of each of the 13 categories (MT-bench's 8 and the other 5)
-        seen = collections.Counter()
-        return [{**r, "group": r["category"]} for r in rows
-                if (seen.update([r["category"]]) or seen[r["category"]] <= per_category)]
+    if per_category:  # the first N of each of the 13 categories (MT-bench's 8 and the other 5), as bench spec picks them
+        picked = select_questions(load_questions(path)[0], None, None, per_category)
+        by_id = {r["question_id"]: r for r in rows}
+        return [{**by_id[q.question_id], "group": q.category} for q in picked]
     by_group = collections.defaultdict(list)
     for r in rows:
         by_group[GROUPS[r["category"]]].append(r)

@@ -73,7 +73,6 @@ class ModelProposer(Proposer):
         finally:
             truncate(self.cache, self.n_cached)
 
-
     def propose_per_depth(self, context: list[int], tree: TreeConfig, depths) -> dict[int, Tree]:
         """For each depth d in ``depths``: the tree :meth:`propose` returns with ``tree``'s total_tokens
         and top_k and depth d. Every level is drafted autoregressively and EAGLE-2's frontier at a
