@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro", "hybrid")
 #: turbolm's own decoders: at temperature 0 their output must be vanilla's, token for token
 OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro", "hybrid")
+#: a suffix for any of turbolm's speculative methods: the same decoder with the speculation gate
+#: (``DecoderSpec.adaptive``), e.g. ``hybrid+adaptive``, to compare both in one run
+ADAPTIVE = "+adaptive"
 HF_PROMPT_LOOKUP_TOKENS = 10
 WARMUP_MAX_NEW_TOKENS = 64
 
@@ -223,7 +226,8 @@ def hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int, sampling:
 def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
     """The DecoderSpec of one of turbolm's own methods in this run: the one ``turbolm generate``
     builds for the same draft and tree flags (prompt lookup keeps a fixed tree)."""
-    sizes = {"total_tokens": config.total_tokens, "depth": config.depth, "top_k": config.top_k}
+    name, adaptive = split_method(name)
+    sizes = {"total_tokens": config.total_tokens, "depth": config.depth, "top_k": config.top_k, "adaptive": adaptive}
     if name == "vanilla":
         return DecoderSpec("none")
     if name == "prompt-lookup":
@@ -235,6 +239,19 @@ def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
     return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, **sizes)
 
 
+def split_method(name: str) -> tuple[str, bool]:
+    """``(method, adaptive)`` of a method name: ``hybrid+adaptive`` -> ``("hybrid", True)``."""
+    if name.endswith(ADAPTIVE):
+        return name[: -len(ADAPTIVE)], True
+    return name, False
+
+
+def is_ours(name: str) -> bool:
+    """One of turbolm's own decoders (their greedy outputs must equal vanilla's)."""
+    base, adaptive = split_method(name)
+    return base in OURS and not (adaptive and base == "vanilla")
+
+
 def _ours(name: str, model, tokenizer, config: SpecBenchConfig) -> Method:
     """One of turbolm's own methods, built by ``build_decoder``."""
     try:
@@ -243,7 +260,7 @@ def _ours(name: str, model, tokenizer, config: SpecBenchConfig) -> Method:
     except ParameterError:
         raise
     except TurboLMError as e:
-        if name not in DRAFT_METHODS:
+        if split_method(name)[0] not in DRAFT_METHODS:
             raise
         raise ParameterError(f"{name}: {e}; give a draft trained for this model with {{}} {name}=DIR, "
                              f"or leave {name} out of {{}}", "drafts", "methods") from None
@@ -269,7 +286,7 @@ def build_methods(names: Sequence[str], model, tokenizer, config: SpecBenchConfi
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s)))
         elif name == "hf-prompt-lookup":
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s, HF_PROMPT_LOOKUP_TOKENS)))
-        elif name in OURS:
+        elif is_ours(name):
             methods.append(_ours(name, model, tokenizer, config))
         else:
             raise ParameterError(f"unknown method '{name}' in {{}}; use any of {', '.join(METHODS)}", "methods")
@@ -279,14 +296,15 @@ def build_methods(names: Sequence[str], model, tokenizer, config: SpecBenchConfi
 def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
     """Validated method list, vanilla first (it is the baseline of every comparison)."""
     methods = [m.strip() for m in methods if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and not (is_ours(m) and m.endswith(ADAPTIVE))]
     if unknown:
         raise ParameterError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {{}}; "
-                             f"use any of {', '.join(METHODS)}", "methods")
+                             f"use any of {', '.join(METHODS)} (turbolm's speculative ones also with "
+                             f"{ADAPTIVE})", "methods")
     for name in drafts:
         if name not in DRAFT_METHODS:
             raise ParameterError(f"{{}} {name}=...: drafts are for {' / '.join(DRAFT_METHODS)} only", "drafts")
-        if name not in methods:
+        if name not in (split_method(m)[0] for m in methods):
             raise ParameterError(f"{{}} {name}=... given but {name} is not in {{}}", "drafts", "methods")
     return ["vanilla"] + [m for m in dict.fromkeys(methods) if m != "vanilla"]
 
@@ -447,7 +465,7 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     finally:
         bar.close()
 
-    report = summarise(records, methods, greedy=sampling.greedy, ours=OURS)
+    report = summarise(records, methods, greedy=sampling.greedy, ours=[m for m in methods if is_ours(m)])
     report.update(
         machine={**describe_machine(), **describe_model(model), "load_average_start": load_at_start, "load_average_end": load_average(),
                  "other_cpus_busy": other_cpus_busy(cpu_at_start, cpu_snapshot())},

@@ -27,6 +27,9 @@ def add_speculative_args(p) -> None:
                    help="for --speculative hybrid: merge (default): the n-gram continuation is merged into the draft's "
                         "tree as extra branches (up to 10 more nodes); choose: each step the n-gram tree or the "
                         "draft's, whichever is expected to accept more")
+    s.add_argument("--adaptive", action="store_true",
+                   help="per step, speculate or take a plain one-token step, whichever is measured faster on the text "
+                        "being written (for text no draft predicts, e.g. long prompts; the output is the same)")
     s.add_argument("--candidate-mode", choices=["mixture", "decoupled"], default=None,
                    help="override a Jakiro draft's candidate mode")
     s.add_argument("--draft-model", default=None, help="draft model directory or .gguf for --speculative model")
@@ -55,7 +58,7 @@ def decoder_spec(args):
     return DecoderSpec(args.speculative, draft=args.draft_model if args.speculative == "model" else args.draft,
                        draft_layers=args.draft_layers, candidate_mode=args.candidate_mode, tree=args.tree,
                        total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k,
-                       hybrid_mode=args.hybrid_mode).check()
+                       hybrid_mode=args.hybrid_mode, adaptive=args.adaptive).check()
 
 
 def build(model, tokenizer, spec):

@@ -30,20 +30,28 @@ from ..core.generation import (
     stream_text,
 )
 from .cache import keep_only, new_tree_cache
+from .gate import SpeculationGate
 from .proposers.base import Proposer
-from .tree import TreeConfig, tree_attention_mask, tree_position_ids
+from .tree import Tree, TreeConfig, tree_attention_mask, tree_position_ids
 from .verify import accept_greedy, accept_sampling
 
 
 class SpeculativeGenerator:
-    """Lossless speculative decoding of ``target`` with any :class:`Proposer` (batch size 1)."""
+    """Lossless speculative decoding of ``target`` with any :class:`Proposer` (batch size 1).
+
+    ``adaptive``: per step, verify the proposed tree or only its root (a plain one-token step),
+    whichever the measured rates say is faster on the text being written
+    (:class:`~.gate.SpeculationGate`; True for the default gate).
+    """
 
     tree_choice = None  # set by build_decoder when --tree auto chose the tree
 
-    def __init__(self, target, tokenizer, proposer: Proposer, tree: TreeConfig | None = None):
+    def __init__(self, target, tokenizer, proposer: Proposer, tree: TreeConfig | None = None,
+                 adaptive: bool | SpeculationGate = False):
         self.target = target
         self.tokenizer = tokenizer
         self.proposer = proposer
+        self.gate = SpeculationGate() if adaptive is True else (adaptive or None)
         self.result: GenerationResult | None = None
         if tree is not None:
             proposer.tree = tree
@@ -111,6 +119,9 @@ class SpeculativeGenerator:
         context = prompt + [next_token(out.logits[0, -1], sampling, generator)]
         done = tracker.push(context[-1:])
         self.proposer.start(prompt, features())
+        gate = self.gate
+        if gate is not None:
+            gate.start()
         yield
         while not done:
             # The root sits at position len(context) - 1; a node at depth d at len(context) - 1 + d.
@@ -119,6 +130,8 @@ class SpeculativeGenerator:
             t0 = time.perf_counter()
             tree = self.proposer.propose(context, max_depth=room - 1)
             tree = tree.limited(room - 1, self.proposer.max_nodes)
+            if gate is not None and not gate.verify(len(tree) - 1):
+                tree = Tree.root_only(context[-1])
             t1 = time.perf_counter()
             prefix = len(context) - 1
             mask = tree_attention_mask(tree, prefix, target.config, target.dtype, device)
@@ -145,6 +158,8 @@ class SpeculativeGenerator:
             context.extend(new)
             done = tracker.push(new)
             self.proposer.accepted(context, len(new), features([0] + path))
+            if gate is not None:
+                gate.record(len(tree) - 1, len(new), time.perf_counter() - t0)
             yield
 
         seconds = time.perf_counter() - start
@@ -167,5 +182,6 @@ class SpeculativeGenerator:
                 "verify_seconds": verify_s,
                 "other_seconds": seconds - prefill_s - draft_s - verify_s,
                 **self.proposer.stats(),
+                **(gate.stats() if gate is not None else {}),
             },
         )

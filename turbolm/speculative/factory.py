@@ -41,7 +41,8 @@ class DecoderSpec:
     fixed (the proposer's default tree or ``total_tokens`` / ``depth`` / ``top_k``), or None: auto
     for model / jakiro / eagle2 / hybrid unless a size is given, else fixed. Sizes: ``total_tokens``
     proposed nodes, the root not counted; ``depth`` levels below the root (hybrid: the draft's tree;
-    a merge adds up to 10 n-gram nodes).
+    a merge adds up to 10 n-gram nodes). ``adaptive``: per step, speculate or take a plain
+    one-token step, whichever is measured faster on the text being written (``SpeculationGate``).
     """
 
     method: str = "none"
@@ -53,6 +54,7 @@ class DecoderSpec:
     depth: int | None = None
     top_k: int | None = None
     hybrid_mode: str | None = None
+    adaptive: bool = False
 
     @property
     def manual_tree(self) -> bool:
@@ -89,6 +91,8 @@ class DecoderSpec:
                 raise ParameterError("give {} or {}, not both", "draft", "draft_layers")
         elif self.draft_layers is not None:
             raise ParameterError("{} is only used with {} model", "draft_layers", "method")
+        if self.method == "none" and self.adaptive:
+            raise ParameterError("{} needs a speculative {}", "adaptive", "method")
         if self.method in ("none", "prompt-lookup") and self.draft:
             raise ParameterError("{} is not used with {} " + self.method, "draft", "method")
         if self.candidate_mode is not None and self.method not in DRAFT_METHODS:
@@ -121,7 +125,7 @@ def build_decoder(model, tokenizer, spec: DecoderSpec, *, log: Callable[[str], N
         depth=d.depth if spec.depth is None else spec.depth,
         top_k=d.top_k if spec.top_k is None else spec.top_k,
     )
-    decoder = SpeculativeGenerator(model, tokenizer, proposer, tree)
+    decoder = SpeculativeGenerator(model, tokenizer, proposer, tree, adaptive=spec.adaptive)
     if spec.auto_tree:
         decoder.tree_choice = auto_tree(decoder, acceptance=acceptance, draft_id=draft_id, log=log,
                                         grid=grid or SizingGrid())
