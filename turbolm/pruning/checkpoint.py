@@ -1,18 +1,20 @@
 """Pruner checkpoints: ``config.json`` (schedule, factor definitions, threshold, the target's
 identity, how it was made) + ``router.safetensors`` (learned router only). Loading one onto a
-model other than the one it was made for is a clear error."""
+model other than the one it was made for, or a damaged or hand-broken one, is a clear error."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
-from ..core.errors import TurboLMError
-from ..core.io import atomic_write, write_json
+from ..core.errors import DataError, TurboLMError
+from ..core.io import atomic_write, load_weights, write_json
 from ..core.models import identity_mismatch, model_identity
 from .factors import FACTOR_NAMES
 from .router import ROUTER_KINDS, HiddenStateRouter, LearnedRouter, make_router
-from .skipping import TokenPruner
+from .skipping import TokenPruner, decoder_layers
 
 FORMAT = "turbolm-ftp-pruner"
 VERSION = 1
@@ -64,20 +66,53 @@ def save_pruner(out: str | os.PathLike, config: dict, router=None) -> Path:
     return out
 
 
-def read_pruner_config(path: str | os.PathLike) -> dict:
-    import json
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+#: What each field of a pruner's config.json must hold: (check, description); optional fields may be absent.
+_FIELDS = {
+    "router": (lambda v: v in ROUTER_KINDS, f"one of {', '.join(ROUTER_KINDS)}"),
+    "schedule": (lambda v: isinstance(v, list) and v and all(_is_number(s) and 0 <= s < 1 for s in v),
+                 "a non-empty list of block sparsities in [0, 1)"),
+    "threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "dense_kv": (lambda v: isinstance(v, bool), "true or false"),
+    "target": (lambda v: isinstance(v, dict), "an object (the identity of the model it was made for)"),
+}
+_OPTIONAL = {
+    "attention_queries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "router_hidden": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "router_inputs": (lambda v: isinstance(v, list) and v and len(set(v)) == len(v) and set(v) <= set(FACTOR_NAMES),
+                      f"a non-empty list of distinct factor names ({', '.join(FACTOR_NAMES)})"),
+}
+
+
+def read_pruner_config(path: str | os.PathLike) -> dict:
+    """The checked ``config.json`` of a pruner checkpoint (``path``: the directory or the file);
+    anything missing or malformed is a :class:`DataError` naming the file and the field."""
     path = Path(path)
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
-        raise TurboLMError(f"no pruner checkpoint at {path} (expected a directory with config.json)")
+        raise DataError(f"no pruner checkpoint at {path} (expected a directory with config.json, as "
+                        "`turbolm prune train` or `turbolm prune search` writes it)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise TurboLMError(f"cannot read {cfg_path}: {e}") from None
-    if cfg.get("format") != FORMAT:
-        raise TurboLMError(f"{cfg_path} is not a turbolm pruner checkpoint (format {cfg.get('format')!r})")
+        raise DataError(f"cannot read {cfg_path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        found = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise DataError(f"{cfg_path} is not a turbolm pruner checkpoint (format {found!r}, expected {FORMAT!r})")
+    for name, (ok, want) in [*_FIELDS.items(), *((k, c) for k, c in _OPTIONAL.items() if k in cfg)]:
+        if name not in cfg:
+            raise DataError(f"{cfg_path} lacks '{name}' ({want}); make the checkpoint again")
+        if not ok(cfg[name]):
+            raise DataError(f"{cfg_path}: '{name}' must be {want}, got {_short(cfg[name])}; make the checkpoint again")
     return cfg
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, seed: int = 0,
@@ -86,13 +121,15 @@ def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, se
 
     ``router`` overrides the stored router kind (e.g. ``static`` with a learned pruner's schedule).
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg = read_pruner_config(path)
-    why = identity_mismatch(cfg.get("target", {}), model)
+    why = identity_mismatch(cfg["target"], model)
     if why:
         raise TurboLMError(f"the pruner {path} was made for another model ({why})")
+    layers = len(decoder_layers(model))
+    if len(cfg["schedule"]) != layers:
+        raise DataError(f"{path / 'config.json'}: the schedule has {len(cfg['schedule'])} blocks but the model has "
+                        f"{layers} layers; make the checkpoint again")
     kind = router or cfg["router"]
     if kind not in ROUTER_KINDS:
         raise TurboLMError(f"unknown router {kind!r} in {path}")
@@ -104,10 +141,7 @@ def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, se
         else:
             r = LearnedRouter(hidden=cfg.get("router_hidden", 64), threshold=cfg["threshold"],
                               inputs=tuple(cfg.get("router_inputs", FACTOR_NAMES)))
-        try:
-            r.load_state_dict(load_file(str(path / "router.safetensors")), strict=True)
-        except (OSError, RuntimeError) as e:
-            raise TurboLMError(f"cannot load {path / 'router.safetensors'}: {e}") from None
+        load_weights(r, path / "router.safetensors", remedy="make the checkpoint again or restore the file")
         r.to(model.device).eval()
     else:
         r = make_router(kind, seed=seed)

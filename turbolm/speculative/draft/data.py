@@ -30,7 +30,7 @@ import torch
 from ...core.chat import encode_chat
 from ...core.errors import DataError, ParameterError, TurboLMError
 from ...core.generation import FeatureCapture, context_length, eos_token_ids
-from ...core.io import atomic_write, write_json
+from ...core.io import atomic_write, load_safetensors, open_safetensors, write_json
 from ...core.models import load_target, model_identity
 from ...core.rows import SkipRow, read_rows, row_messages, row_prompt
 
@@ -42,6 +42,8 @@ ESTIMATE_ROWS = 200
 # Everything that shapes the shards: a resumed run must agree on all of it.
 RESUME_KEYS = ("format", "target", "hidden_size", "features_dtype", "data", "regenerate", "regen_max_new_tokens",
                "regen_dtype", "max_length", "chat_template_sha256")
+_AGAIN = "prepare the features again into an empty directory"
+_SHARD = re.compile(r"shard-\d+\.safetensors")
 _OURS = re.compile(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|meta\.json)(\.\w+)?\.tmp")
 
 
@@ -209,21 +211,54 @@ def _append_shard(out: Path, meta: dict, samples: list[_Sample], features: list[
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    """The ``meta.json`` of a prepared feature directory."""
+    """The checked ``meta.json`` of a prepared feature directory; anything else (a dataset file, an
+    empty or foreign directory, a damaged meta) is a :class:`DataError` saying what it is."""
     directory = Path(directory)
+    make = "make one with `turbolm draft prepare --data DATASET --out DIR`"
+    if directory.is_file():
+        hint = (f"; to train on this dataset, prepare its features first: `turbolm draft prepare --data {directory} "
+                "--out DIR`" if directory.suffix.lower() in (".json", ".jsonl") else f"; {make}")
+        raise DataError(f"{directory} is a file, not a prepared feature directory (the directory `turbolm draft "
+                        f"prepare` writes){hint}")
     if not directory.is_dir():
-        raise TurboLMError(f"feature directory not found: {directory}")
+        raise DataError(f"feature directory not found: {directory} ({make})")
     path = directory / META
     if not path.is_file():
-        raise TurboLMError(f"{directory} is not a prepared feature directory (no {META}); "
-                           "make one with `turbolm draft prepare`")
+        what = "is empty" if not any(directory.iterdir()) else f"holds no {META}"
+        raise DataError(f"{directory} {what}: it is not a prepared feature directory; {make}")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise TurboLMError(f"cannot read {path}: {e}") from e
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}; {_AGAIN}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TurboLMError(f"{path} is not a turbolm feature meta file of format {FORMAT}")
+        raise DataError(f"{path} is not a turbolm feature meta file of format {FORMAT}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; {_AGAIN}")
     return meta
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a meta.json's fields that reading the features relies on, else None."""
+    target = meta.get("target")
+    if not isinstance(target, dict) or not _count(target.get("vocab_size")) or not target["vocab_size"]:
+        return "'target' must be the target's identity (an object with its vocab_size)"
+    if not _count(meta.get("hidden_size")) or not meta["hidden_size"]:
+        return "'hidden_size' must be a positive integer"
+    if not isinstance(meta.get("complete"), bool):
+        return "'complete' must be true or false"
+    shards = meta.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' must be a list"
+    for i, s in enumerate(shards):
+        if (not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _SHARD.fullmatch(s["file"])
+                or not _count(s.get("samples")) or not _count(s.get("tokens"))):
+            return f"shard entry {i} must name a shard-NNNNN.safetensors file with its sample and token counts"
+    return None
 
 
 def _open_out_dir(out: Path, header: dict) -> dict:
@@ -461,11 +496,31 @@ class FeatureDataset(torch.utils.data.Dataset):
         if not self.meta.get("complete") and not partial:
             raise DataError(f"{self.directory} is an unfinished preparation ({self.meta.get('rows_done')} of "
                             f"{self.meta.get('rows_total')} rows); rerun `turbolm draft prepare` into it to finish it")
-        missing = [s["file"] for s in self.meta["shards"] if not (self.directory / s["file"]).is_file()]
-        if missing:
-            raise TurboLMError(f"{self.directory} lacks {missing[0]}; prepare it again")
+        if self.meta.get("complete") and not self.meta["shards"]:
+            skipped = self.meta.get("skipped") if isinstance(self.meta.get("skipped"), dict) else {}
+            skipped = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "none recorded"
+            raise DataError(f"{self.directory} holds no samples: every row of its data was skipped ({skipped})")
+        for k in range(len(self.meta["shards"])):
+            self._check_shard(k)
         self._ends = list(itertools.accumulate(s["samples"] for s in self.meta["shards"]))
         self._open = None  # (shard index, safe_open handle, offsets)
+
+    def _check_shard(self, k: int) -> None:
+        """Shard ``k`` is whole and holds what meta.json lists (its header and offsets: no features read)."""
+        entry = self.meta["shards"][k]
+        path = self.directory / entry["file"]
+        with open_safetensors(path, remedy=_AGAIN) as h:
+            shapes = {name: h.get_slice(name).get_shape() for name in h.keys()}
+            want = {"input_ids": [entry["tokens"]], "loss_mask": [entry["tokens"]],
+                    "features": [entry["tokens"], self.meta["hidden_size"]], "offsets": [entry["samples"] + 1]}
+            wrong = next((name for name in want if shapes.get(name) != want[name]), None)
+            if wrong is None:
+                offsets = h.get_tensor("offsets")
+                if offsets[0] != 0 or offsets[-1] != entry["tokens"] or bool((offsets.diff() < 0).any()):
+                    wrong = "offsets"
+        if wrong is not None:
+            raise DataError(f"{path} does not hold what {self.directory / META} lists ({wrong}: "
+                            f"{shapes.get(wrong, 'missing')}); {_AGAIN}")
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -510,9 +565,7 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def _shard(self, k: int):
         if self._open is None or self._open[0] != k:
-            from safetensors import safe_open
-
-            handle = safe_open(str(self.directory / self.meta["shards"][k]["file"]), framework="pt")
+            handle = open_safetensors(self.directory / self.meta["shards"][k]["file"], remedy=_AGAIN)
             self._open = (k, handle, handle.get_tensor("offsets").tolist())
         return self._open[1], self._open[2]
 
@@ -529,13 +582,13 @@ def export_tokens(prepared_dir: str | os.PathLike, out_file: str | os.PathLike) 
     size) to one safetensors file, with the preparation's settings as metadata; returns the
     number of samples. ``prepare_features(..., from_tokens=out_file)`` computes the features
     again elsewhere, e.g. after regenerating the answers on a GPU."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     prepared_dir = Path(prepared_dir)
     meta = read_meta(prepared_dir)
     ids, masks, offsets = [], [], [0]
     for s in meta["shards"]:
-        t = load_file(str(prepared_dir / s["file"]))
+        t = load_safetensors(prepared_dir / s["file"], remedy=_AGAIN)
         ids.append(t["input_ids"]), masks.append(t["loss_mask"])
         offsets += (t["offsets"][1:] + offsets[-1]).tolist()
     source = {k: meta.get(k) for k in ("data", "regenerate", "regen_max_new_tokens", "regen_dtype", "max_length", "target")}

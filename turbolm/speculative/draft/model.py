@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import ParameterError, TurboLMError
-from ...core.io import atomic_write
+from ...core.errors import DataError, ParameterError, TurboLMError
+from ...core.io import atomic_write, load_weights
 from ...core.kernels import linear as fast_linear
 from ...core.models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
+ARCH_NAMES = {"jakiro": "Jakiro", "eagle2": "EAGLE-2"}
 CANDIDATE_MODES = ("mixture", "decoupled")
 PAIRINGS = ("expert", "ranked")
 
@@ -61,6 +62,20 @@ class DraftConfig:
     target: dict = field(default_factory=dict)  # model_identity() of the target it was trained for
 
     def __post_init__(self):
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                     "num_experts", "expert_intermediate_size", "draft_vocab_size"):
+            value, low = getattr(self, name), 0 if name in ("expert_intermediate_size", "draft_vocab_size") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise TurboLMError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise TurboLMError(f"{name} must be a positive number, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise TurboLMError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                               f"num_key_value_heads ({self.num_key_value_heads})")
+        if not isinstance(self.target, dict):
+            raise TurboLMError(f"target must be an object (the target model's identity), got {self.target!r}")
         if self.arch not in ARCHS:
             raise TurboLMError(f"unknown draft architecture '{self.arch}'; use one of {', '.join(ARCHS)}")
         if self.candidate_mode not in CANDIDATE_MODES:
@@ -330,27 +345,39 @@ def shipped_draft(arch: str) -> Path:
 
 def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=None, overrides: dict | None = None) -> DraftModel:
     """Load a draft checkpoint; with ``target``, refuse one trained for a different target.
-    ``overrides`` changes inference-only settings (``candidate_mode``)."""
-    from safetensors.torch import load_file
+    ``overrides`` changes inference-only settings (``candidate_mode``). A missing, damaged or
+    hand-broken checkpoint is a :class:`DataError` naming the file and the problem."""
+    from dataclasses import replace
 
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
-        raise TurboLMError(f"{directory} is not a draft checkpoint (needs config.json and model.safetensors)")
+        raise DataError(f"{directory} is not a draft checkpoint (needs config.json and model.safetensors, "
+                        "as `turbolm draft train` writes them)")
     try:
-        config = DraftConfig(**{**json.loads((d / "config.json").read_text()), **(overrides or {})})
-    except (TypeError, ValueError) as e:
-        raise TurboLMError(f"{d / 'config.json'} is not a valid draft config: {e}") from None
+        fields = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object, got {type(fields).__name__}")
+        config = DraftConfig(**fields)
+    except (OSError, TypeError, ValueError, TurboLMError) as e:
+        raise DataError(f"{d / 'config.json'} is not a valid draft config: {str(e).splitlines()[0]}") from None
+    mode = (overrides or {}).get("candidate_mode")
+    if mode and config.arch == "eagle2" and mode != "mixture":
+        where = str(directory).replace("{", "{{").replace("}", "}}")
+        raise ParameterError(f"{{}} {mode} needs a Jakiro draft; {where} holds an EAGLE-2 draft", "candidate_mode")
+    if overrides:
+        config = replace(config, **overrides)
     if target is not None:
         diff = identity_mismatch(config.target, target)
         if diff:
             raise TurboLMError(f"the draft in {directory} was trained for a different target ({diff})")
     model = DraftModel(config)
-    try:
-        state = load_file(str(d / "model.safetensors"))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
-    except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise TurboLMError(f"cannot load {d / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+    load_weights(model, d / "model.safetensors", remedy="train the draft again or restore the file",
+                 convert=lambda v: v.float() if v.is_floating_point() else v)
+    vocab = model.draft_vocab
+    limit = (config.target or {}).get("vocab_size") or (target.config.vocab_size if target is not None else None)
+    if vocab.numel() and (int(vocab.min()) < 0 or (limit and int(vocab.max()) >= limit)):
+        raise DataError(f"{d / 'model.safetensors'} is damaged: its draft vocabulary holds ids outside the target's "
+                        f"vocabulary (0..{limit - 1 if limit else '?'})")
     if dtype is None and target is not None:
         dtype = target.dtype
     return model.to(device=device or (target.device if target is not None else "cpu"), dtype=dtype).eval()
