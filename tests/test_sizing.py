@@ -150,8 +150,10 @@ def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
     torch.manual_seed(0)
     DraftModel(DraftConfig.for_target(target)).save(tmp_path / "draft")
     gen = SpeculativeGenerator(target, tok, JakiroProposer(load_draft(tmp_path / "draft", target), target))
+    monkeypatch.setattr(sizing, "time_step", lambda target: 0.002)  # the quick check always agrees
+    policy = sizing.TimingPolicy(busy_cpus=None)  # cached even on a busy test machine
     lines = []
-    choice = auto_tree(gen, draft_id="d1", progress=False, log=lines.append, grid=grid)
+    choice = auto_tree(gen, draft_id="d1", progress=False, log=lines.append, grid=grid, policy=policy)
     assert gen.proposer.tree == choice.tree and choice.tree.depth <= 3 and choice.tree.top_k in (1, 2, 4)
     assert choice.tree.total_tokens in grid.total_tokens
     assert any("timing" in line for line in lines)
@@ -163,7 +165,7 @@ def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sizing, "time_verification", boom)
     monkeypatch.setattr(sizing, "record_acceptance", boom)
-    assert auto_tree(gen, draft_id="d1", progress=False, grid=grid).tree == choice.tree
+    assert auto_tree(gen, draft_id="d1", progress=False, grid=grid, policy=policy).tree == choice.tree
     ids = encode_prompt(tok, "Write a short poem about the sea")
     assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
 

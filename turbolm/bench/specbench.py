@@ -6,6 +6,12 @@ question to question, so machine drift hits every method alike. Each (question, 
 ``results.jsonl`` as soon as it is measured; ``report.json``, ``report.md`` and the plots
 are written at the end, also after Ctrl-C (from the questions every method finished).
 
+A run never destroys an earlier one in the same directory: without ``resume`` or ``overwrite``
+it refuses. ``resume`` continues it (``run.json`` holds the settings every question was measured
+with; they must not differ), measuring only the questions it has not finished. ``overwrite``
+measures again into ``results.new.jsonl`` and replaces the old results only when the new run is
+complete or has measured at least as many questions.
+
 Speedup follows Spec-Bench: the mean over questions of the per-question tokens/s ratio
 method / vanilla. tau is the mean number of tokens per target forward after the prefill
 (the mean accepted length incl. the bonus token; 1.0 for vanilla). At temperature 0 every
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +34,7 @@ import torch
 from ..core.chat import run_turns
 from ..core.errors import ParameterError, TurboLMError
 from ..core.generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, synchronize, tau_of
+from ..core.io import file_sha256, settings_differences, write_json, write_text
 from ..core.machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
 from ..core.models import describe_model
 from ..speculative.factory import DRAFT_METHODS, DecoderSpec, build_decoder
@@ -71,6 +79,9 @@ class SpecBenchConfig:
     warmup: int = 1
     fast_cpu: str = "auto"  # see turbolm.core.kernels.apply_fast_cpu; every method shares the model, so vanilla too
     grid: SizingGrid | None = None  # what tree="auto" chooses among (None: the full grid)
+    retime: bool = False  # tree="auto": time the target and the drafts again instead of using the cached timings
+    resume: bool = False  # continue the run in ``out`` (same settings): measure only the questions it has not finished
+    overwrite: bool = False  # measure again; the old results are replaced only by a complete run or as many questions
 
 
 @dataclass(frozen=True)
@@ -235,8 +246,8 @@ def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
     drafts = config.drafts or {}
     if name == "hybrid":  # prompt lookup with the Jakiro draft of this run unless it has its own
         return DecoderSpec(name, draft=drafts.get(name, drafts.get("jakiro")), tree=config.tree,
-                           hybrid_mode=config.hybrid_mode, **sizes)
-    return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, **sizes)
+                           hybrid_mode=config.hybrid_mode, retime=config.retime, **sizes)
+    return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, retime=config.retime, **sizes)
 
 
 def split_method(name: str) -> tuple[str, bool]:
@@ -307,6 +318,105 @@ def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
         if name not in (split_method(m)[0] for m in methods):
             raise ParameterError(f"{{}} {name}=... given but {name} is not in {{}}", "drafts", "methods")
     return ["vanilla"] + [m for m in dict.fromkeys(methods) if m != "vanilla"]
+
+
+# --- earlier runs in the output directory -----------------------------------------------------
+
+RESULTS, RUN, NEW_RESULTS, NEW_RUN = "results.jsonl", "run.json", "results.new.jsonl", "run.new.json"
+#: SpecBenchConfig fields a resumed run may change: which questions (the file's content must not),
+#: the warm-up, the timing cache, how the run is started
+RESUME_MAY_CHANGE = ("questions", "out", "limit", "categories", "per_category", "warmup", "retime", "resume", "overwrite")
+#: what a record of results.jsonl needs to count in a report
+RECORD_KEYS = {"question_id", "category", "method", "new_tokens", "seconds", "tokens_per_second", "tau",
+               "target_forwards", "accepted_length_histogram", "token_ids"}
+
+
+def run_settings(config: SpecBenchConfig, methods: list[str], drafts: dict[str, str]) -> dict:
+    """What every question of a run is measured with, as JSON: a resumed run must share it."""
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUME_MAY_CHANGE}
+    settings.update(methods=list(methods), drafts=drafts, questions_sha256=file_sha256(config.questions)[:16])
+    return json.loads(json.dumps(settings, default=str))
+
+
+@dataclass
+class PreviousRun:
+    """A run found in the output directory: its settings and draft trees (``run.json``; None for a
+    run of an older turbolm) and the records of the questions every one of its methods finished."""
+
+    settings: dict | None
+    trees: dict | None
+    records: list[dict]
+
+    @property
+    def questions(self) -> int:
+        return len({r["question_id"] for r in self.records})
+
+
+def read_previous_run(out: Path) -> PreviousRun | None:
+    """The run in ``out``, or None when it holds no finished question. Unreadable lines (the last
+    one of a killed run) are left out."""
+    results = out / RESULTS
+    if not results.is_file():
+        return None
+    run = None
+    try:
+        run = json.loads((out / RUN).read_text(encoding="utf-8"))
+        run = run if isinstance(run.get("settings"), dict) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    by_question: dict = {}
+    for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and RECORD_KEYS <= r.keys() and isinstance(r["question_id"], (int, str)):
+            by_question.setdefault(r["question_id"], {})[r["method"]] = r
+    methods = run["settings"].get("methods") if run else None
+    methods = set(methods or {m for per_method in by_question.values() for m in per_method})
+    records = [r for per_method in by_question.values() if methods <= per_method.keys() for r in per_method.values()
+               if r["method"] in methods]
+    if not records:
+        return None
+    return PreviousRun(run["settings"] if run else None, run.get("trees") if run else None, records)
+
+
+def _literal(text) -> str:
+    """``text`` inside a ParameterError template (its braces are not placeholders)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+def _check_previous(previous: PreviousRun | None, config: SpecBenchConfig, settings: dict) -> list[dict]:
+    """The records a run into ``config.out`` continues from (``resume``), or none; refuses to
+    touch an earlier run without ``resume`` or ``overwrite``, and a resume with other settings."""
+    if config.resume and config.overwrite:
+        raise ParameterError("give {} or {}, not both", "resume", "overwrite")
+    if previous is None or config.overwrite:
+        return []
+    out = _literal(config.out)
+    if not config.resume:
+        raise ParameterError(f"{out} already holds a Spec-Bench run ({previous.questions} question(s) measured): pass "
+                             "{} to continue it, {} to measure again (the old results are replaced only by a complete "
+                             "run or as many questions), or choose another {}", "resume", "overwrite", "out")
+    if previous.settings is None:
+        raise ParameterError(f"{out} holds results without {RUN} (from an older turbolm): the settings they were "
+                             "measured with are unknown; measure again with {}", "overwrite")
+    changed = settings_differences(previous.settings, settings)
+    if changed:
+        raise ParameterError(f"{out} was measured with other settings ({_literal(changed)}): resume it with the same "
+                             "settings, or measure again with {}", "overwrite")
+    return previous.records
+
+
+def _check_trees(previous: PreviousRun | None, trees: dict, config: SpecBenchConfig) -> None:
+    """A resumed run measures with the draft trees of the questions before it (--tree auto sizes
+    them for the machine)."""
+    if previous is None or previous.trees is None:
+        return
+    changed = settings_differences(previous.trees, trees)
+    if changed:
+        raise ParameterError(f"{_literal(config.out)} was measured with other draft trees ({_literal(changed)}): "
+                             "resume it on the machine that started it, or measure again with {}", "overwrite")
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -392,10 +502,15 @@ def run_question(q: Question, index: int, methods: list[Method], model, tokenize
         sink.flush()
         per_method[m.name] = rec
     if sampling.greedy:
-        for name, rec in per_method.items():
-            if name != "vanilla":
-                rec["first_difference"] = first_difference(rec["token_ids"], per_method["vanilla"]["token_ids"])
+        compare_with_vanilla(per_method)
     return {m.name: per_method[m.name] for m in methods}
+
+
+def compare_with_vanilla(per_method: dict[str, dict]) -> None:
+    """Add ``first_difference`` (greedy outputs only) to every record of one question but vanilla's."""
+    for name, rec in per_method.items():
+        if name != "vanilla":
+            rec["first_difference"] = first_difference(rec["token_ids"], per_method["vanilla"]["token_ids"])
 
 
 def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
@@ -405,7 +520,9 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     ``target``: an already loaded ``(model, tokenizer)`` (else ``config.model`` is loaded).
     ``on_question(question, records)`` is called after every question all methods finished.
     Ctrl-C (KeyboardInterrupt) ends the run early; the report then covers the questions every
-    method finished and has ``interrupted: true``.
+    method finished and has ``interrupted: true``. An earlier run in ``config.out`` is continued
+    (``resume``), measured again (``overwrite``; ``kept_previous`` in the report says when the old
+    results stay because the new run measured fewer questions) or refused.
     """
     from tqdm.auto import tqdm
 
@@ -425,6 +542,10 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     if config.per_category is not None and config.per_category < 1:
         raise ParameterError(f"{{}} must be >= 1, got {config.per_category}", "per_category")
     selected = select_questions(questions, config.categories, config.limit, config.per_category)
+    out = Path(config.out)
+    previous = read_previous_run(out)
+    settings = run_settings(config, methods, drafts)
+    kept = _check_previous(previous, config, settings)  # before the model loads: a refusal is immediate
 
     if target is None:
         from ..core.kernels import apply_fast_cpu
@@ -434,19 +555,38 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
         apply_fast_cpu(target[0], config.fast_cpu)
     model, tokenizer = target
     built = build_methods(methods, model, tokenizer, config)
+    trees = {m.name: m.tree for m in built if m.tree}
+    if kept:
+        _check_trees(previous, trees, config)
 
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    staged = previous is not None and config.overwrite  # the old results stay until the new ones are as many
+    results, run_file = (out / NEW_RESULTS, out / NEW_RUN) if staged else (out / RESULTS, out / RUN)
+    if kept:  # only the questions every method finished; the others are measured again
+        write_text(results, "".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        write_json(run_file, {"settings": settings, "trees": trees})
+    done: dict = {}
+    for r in kept:
+        done.setdefault(r["question_id"], {})[r["method"]] = dict(r)
     records: list[dict] = []  # one per (question, method), questions every method finished
+    for per_method in done.values():
+        if sampling.greedy:
+            compare_with_vanilla(per_method)
+        records.extend(per_method[m] for m in methods)
+    measured = 0  # questions this run measured
     skipped_questions: list[dict] = []
     ratios: dict[str, list[float]] = {m: [] for m in methods if m != "vanilla"}  # for the progress bar
     interrupted = False
-    bar = tqdm(total=len(selected), desc="spec-bench", unit="question", disable=not progress)
+    bar = tqdm(total=len(selected), initial=sum(q.question_id in done for q in selected), desc="spec-bench",
+               unit="question", disable=not progress)
     cpu_at_start = cpu_snapshot()  # after loading: our own loading must not read as a busy machine
     try:
         _warm_up(built, tokenizer, selected, config.warmup, config.max_new_tokens, sampling)
-        with (out / "results.jsonl").open("w", encoding="utf-8") as sink:
+        with results.open("a" if kept else "w", encoding="utf-8") as sink:
             for i, q in enumerate(selected):
+                if q.question_id in done:
+                    continue
                 try:
                     per_method = run_question(q, i, built, model, tokenizer, config.max_new_tokens, sampling, sink)
                 except TurboLMError as e:  # e.g. a later turn no longer fits the model's context
@@ -454,6 +594,7 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
                     bar.update(1)
                     continue
                 records.extend(per_method.values())
+                measured += 1
                 for name, r in ratios.items():
                     r.append(per_method[name]["tokens_per_second"] / per_method["vanilla"]["tokens_per_second"])
                 bar.set_postfix({n: f"{sum(r) / len(r):.2f}x" for n, r in ratios.items()})
@@ -472,11 +613,17 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
         config={**asdict(config), "methods": methods, "drafts": drafts,
                 "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
                 "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS)},
-        trees={m.name: m.tree for m in built if m.tree},
+        trees=trees,
         questions={"file": str(config.questions), "valid": len(questions), "selected": len(selected),
-                   "measured": report["questions_measured"], "skipped_rows": dict(skipped_rows),
+                   "measured": report["questions_measured"], "resumed": len(done), "skipped_rows": dict(skipped_rows),
                    "skipped_questions": skipped_questions},
         interrupted=interrupted,
     )
+    if staged:
+        if interrupted and measured < previous.questions:
+            report["kept_previous"] = {"questions": previous.questions, "new_results": str(results)}
+            return report
+        os.replace(results, out / RESULTS)
+        os.replace(run_file, out / RUN)
     write_report(report, out)
     return report

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ParameterError
+from ..core.interrupts import sigterm_as_interrupt
 from .common import add_model_args
 
 #: SpecBenchConfig parameters spelled otherwise on this command line
@@ -35,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--tree", choices=["auto", "fixed"], default=None,
                    help="auto (default unless --total-tokens/--depth/--top-k): eagle2 / jakiro / hybrid trees sized for this "
                         "machine as `generate` does; fixed: each method's default tree or the flags below")
+    p.add_argument("--retime", action="store_true",
+                   help="with --tree auto: time the target and the drafts again instead of using the cached timings")
     p.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
     p.add_argument("--total-tokens", type=int, default=None,
                    help="most nodes in a draft tree, the root not counted (default: each method's own)")
@@ -42,7 +45,15 @@ def register(sub) -> None:
                    help="most levels in a draft tree, below the root (default: each method's own)")
     p.add_argument("--top-k", type=int, default=None, help="branches per tree node (default: each method's own)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions per method (default: 1)")
-    p.add_argument("--out", default="runs/spec_bench", help="output directory (default: runs/spec_bench)")
+    p.add_argument("--out", default="runs/spec_bench", help="output directory (default: runs/spec_bench); one that "
+                   "holds a run needs --resume or --overwrite")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out: measure only the questions it has not finished (its settings "
+                            "must be the same; --limit / --categories / --per-category may select more questions)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="measure again into --out; the old results are replaced when the new run is complete or "
+                            "has measured as many questions (an interrupted shorter run leaves them)")
     p.set_defaults(run=run, flags=FLAGS)
 
 
@@ -62,16 +73,22 @@ def run(args) -> int:
         dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
         top_k=args.top_k, hybrid_mode=args.hybrid_mode, warmup=args.warmup, fast_cpu=args.fast_cpu,
-        per_category=args.per_category,
+        per_category=args.per_category, retime=args.retime, resume=args.resume, overwrite=args.overwrite,
         tree=args.tree or ("fixed" if manual else "auto"),
     )
-    report = run_spec_bench(config, progress=True)
+    with sigterm_as_interrupt():  # as Ctrl-C: the report covers the questions measured so far
+        report = run_spec_bench(config, progress=True)
+    if "kept_previous" in report:
+        kept = report["kept_previous"]
+        print(f"\nturbolm: interrupted after {report['questions_measured']} question(s); {args.out} keeps the previous "
+              f"run ({kept['questions']} questions); the new results are in {kept['new_results']}", file=sys.stderr)
+        return 130
     print((Path(args.out) / "report.md").read_text())
     if report["lossless"]["ok"] is False:
         print(f"turbolm: warning: {report['lossless']['ours_differing']} output(s) of turbolm's methods differ from "
               f"vanilla; see {args.out}/report.md", file=sys.stderr)
     if report["interrupted"]:
-        print(f"\nturbolm: interrupted; the report in {args.out} covers {report['questions_measured']} question(s)",
-              file=sys.stderr)
+        print(f"\nturbolm: interrupted; the report in {args.out} covers {report['questions_measured']} question(s); "
+              "continue with --resume", file=sys.stderr)
         return 130
     return 0

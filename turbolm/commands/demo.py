@@ -21,6 +21,8 @@ def register(sub) -> None:
     d.add_argument("--speculative", choices=["hybrid", "jakiro", "eagle2", "none"], default="hybrid",
                    help="the method to compare with vanilla (default: hybrid, prompt lookup merged into the Jakiro "
                         "draft's tree: the fastest on Spec-Bench on the 2-core CPUs); none: vanilla only")
+    d.add_argument("--retime", action="store_true",
+                   help="time the target and the draft again for the tree size instead of using the cached timings")
     d.set_defaults(run=run, flags={"method": "--speculative"})
 
 
@@ -36,7 +38,7 @@ def run(args) -> int:
           f"new tokens per answer", flush=True)
     decoder = None
     if args.speculative != "none":
-        decoder = build(model, tokenizer, DecoderSpec(args.speculative, draft=args.draft, tree="auto"))
+        decoder = build(model, tokenizer, DecoderSpec(args.speculative, draft=args.draft, tree="auto", retime=args.retime))
     generate(model, tokenizer, encode_prompt(tokenizer, "Hello"), max_new_tokens=4)  # warm-up
     rows = []
     for prompt in PROMPTS:

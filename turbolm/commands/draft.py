@@ -4,9 +4,11 @@ a feature-level draft (Jakiro or EAGLE-2) for a target."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..core.errors import ParameterError
+from ..core.interrupts import Interrupted, sigterm_as_interrupt
 from .common import add_model_args
 
 
@@ -85,17 +87,19 @@ def _add_train_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args) -> int:
     from ..speculative.draft.data import prepare_features, prepare_from_tokens
 
-    if args.from_tokens:
-        if args.regenerate or args.max_samples is not None or args.regen_dtype:
-            raise ParameterError("{} takes the samples as they are: no {} / {} / {}", "from_tokens", "regenerate",
-                                 "max_samples", "regen_dtype")
-        meta = prepare_from_tokens(args.model, args.from_tokens, args.out, batch_size=args.batch_size,
-                                   shard_size=args.shard_size, dtype=args.dtype, device=args.device)
-    else:
-        meta = prepare_features(args.model, args.data, args.out, regenerate=args.regenerate, max_samples=args.max_samples,
-                                max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
-                                dtype=args.dtype, device=args.device, regen_max_new_tokens=args.regen_max_new_tokens,
-                                regen_dtype=args.regen_dtype)
+    if args.from_tokens and (args.regenerate or args.max_samples is not None or args.regen_dtype):
+        raise ParameterError("{} takes the samples as they are: no {} / {} / {}", "from_tokens", "regenerate",
+                             "max_samples", "regen_dtype")
+    with sigterm_as_interrupt():  # as Ctrl-C: the shards written so far stay, a rerun continues
+        if args.from_tokens:
+            meta = prepare_from_tokens(args.model, args.from_tokens, args.out, batch_size=args.batch_size,
+                                       shard_size=args.shard_size, dtype=args.dtype, device=args.device)
+        else:
+            meta = prepare_features(args.model, args.data, args.out, regenerate=args.regenerate,
+                                    max_samples=args.max_samples, max_length=args.max_length,
+                                    batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                                    device=args.device, regen_max_new_tokens=args.regen_max_new_tokens,
+                                    regen_dtype=args.regen_dtype)
     line = (f"{args.out}: {meta['samples']} samples, {meta['tokens']} tokens ({meta['loss_tokens']} in answers), "
             f"{len(meta['shards'])} shard(s)")
     if meta["skipped"]:
@@ -111,7 +115,12 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.betas = tuple(cfg.betas)
-    result = train(cfg, resume=args.resume)
+    try:
+        with sigterm_as_interrupt():
+            result = train(cfg, resume=args.resume)
+    except Interrupted as e:  # the state is saved: say where, and how to continue
+        print(f"\nturbolm: {e}", file=sys.stderr)
+        return 130
     if result["finished"]:
         print(f"{args.out}: draft trained in {result['seconds'] / 60:.1f} min ({result['step']} steps); "
               f"log {args.out}/train_log.jsonl, curve {args.out}/loss.png")

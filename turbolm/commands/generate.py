@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..core.errors import ParameterError, TurboLMError
-from .common import add_model_args, add_sampling_args, load_model, read_prompt, sampling, write_out
+from .common import add_model_args, add_sampling_args, load_model, read_prompt, sampling, utf8_text, write_out
 
 SPECULATIVE = ["none", "prompt-lookup", "model", "jakiro", "eagle2", "hybrid"]
 #: DecoderSpec parameters spelled otherwise on this command line
@@ -39,6 +39,9 @@ def add_speculative_args(p) -> None:
                    help="auto (default for jakiro / eagle2 / hybrid / model): the tree size that maximises expected tokens/s on "
                         "this machine, from measured target/draft costs and the draft's acceptance (measured once, "
                         "cached); fixed: the proposer's default or --total-tokens/--depth/--top-k")
+    s.add_argument("--retime", action="store_true",
+                   help="with --tree auto: time the target and the draft again instead of using the cached timings "
+                        "(they are also timed again when a quick check finds they no longer fit the machine)")
     s.add_argument("--total-tokens", type=int, default=None, help="most nodes in a draft tree, the root (the last committed token) not counted")
     s.add_argument("--depth", type=int, default=None, help="most levels in a draft tree, below the root")
     s.add_argument("--top-k", type=int, default=None, help="branches per tree node")
@@ -58,7 +61,7 @@ def decoder_spec(args):
     return DecoderSpec(args.speculative, draft=args.draft_model if args.speculative == "model" else args.draft,
                        draft_layers=args.draft_layers, candidate_mode=args.candidate_mode, tree=args.tree,
                        total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k,
-                       hybrid_mode=args.hybrid_mode, adaptive=args.adaptive).check()
+                       hybrid_mode=args.hybrid_mode, adaptive=args.adaptive, retime=args.retime).check()
 
 
 def build(model, tokenizer, spec):
@@ -87,6 +90,9 @@ def run(args) -> int:
     from ..core.chat import encode_prompt
 
     prompt = read_prompt(args.prompt)
+    utf8_text(args.system or "", "system")
+    for text in args.stop:
+        utf8_text(text, "stop")
     params = sampling(args)
     if not prompt.strip():
         raise ParameterError("empty prompt: give some text with {}", "prompt")

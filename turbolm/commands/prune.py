@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ParameterError
+from ..core.interrupts import Interrupted, sigterm_as_interrupt
 from .common import add_model_args, load_model, read_prompt, write_out
 
 #: PrunerSpec parameters spelled otherwise on this command line
@@ -159,13 +160,15 @@ def _check_sparsity(s: float) -> None:
 
 def cmd_search(args) -> int:
     from ..pruning.router import make_router
-    from ..pruning.search import run_search
+    from ..pruning.search import check_out, run_search
 
     _check_sparsity(args.sparsity)
+    check_out(args.out, args.resume)  # before the model loads: a refusal is immediate
     model, tokenizer = load_model(args)
     _, reference = _chunks_and_reference(args, model, tokenizer, max_train=0)
-    result = run_search(model, make_router(args.router, seed=args.seed), reference, args.sparsity, args.out,
-                        _search_config(args), resume=args.resume, first_block_dense=args.first_block_dense)
+    with sigterm_as_interrupt():  # as Ctrl-C: the search is saved after every generation
+        result = run_search(model, make_router(args.router, seed=args.seed), reference, args.sparsity, args.out,
+                            _search_config(args), resume=args.resume, first_block_dense=args.first_block_dense)
     print(json.dumps({"out": args.out, "best_fitness": result.best_fitness, "evaluations": result.evaluations,
                       "schedule": [round(s, 3) for s in result.best]}))
     return 0
@@ -176,9 +179,10 @@ def cmd_train(args) -> int:
     from ..pruning.genetic import uniform_schedule
     from ..pruning.search import read_schedule
     from ..pruning.skipping import decoder_layers
-    from ..pruning.train import RouterTrainConfig, train_pruner
+    from ..pruning.train import RouterTrainConfig, check_out, train_pruner
 
     _check_sparsity(args.sparsity)
+    check_out(args.out, args.resume)  # before the model loads: a refusal is immediate
     inputs = [f for f in FACTOR_NAMES if f not in args.drop_factor]
     if not inputs:
         raise ParameterError("{} removed every router input", "drop_factor")
@@ -194,11 +198,16 @@ def cmd_train(args) -> int:
                             guide_weight=args.guide_weight, guide_steps=args.guide_steps or max(1, args.steps // 2),
                             inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last, init=args.init,
                             save_every=args.save_every, seed=args.seed)
-    info = train_pruner(model, chunks, reference, args.out, schedule, cfg, target_sparsity=args.sparsity,
-                        router_kind=args.router, search_config=_search_config(args),
-                        finetune_generations=args.finetune_generations, resume=args.resume,
-                        provenance={"training": {"data": str(args.data), "seq_len": args.seq_len},
-                                    "search_schedule": args.schedule})
+    try:
+        with sigterm_as_interrupt():
+            info = train_pruner(model, chunks, reference, args.out, schedule, cfg, target_sparsity=args.sparsity,
+                                router_kind=args.router, search_config=_search_config(args),
+                                finetune_generations=args.finetune_generations, resume=args.resume,
+                                provenance={"training": {"data": str(args.data), "seq_len": args.seq_len},
+                                            "search_schedule": args.schedule})
+    except Interrupted as e:  # the state is saved: say where, and how to continue
+        print(f"\nturbolm: {e}", file=sys.stderr)
+        return 130
     print(json.dumps({"out": str(args.out), **info["heldout_kl"]}))
     return 0
 
@@ -228,20 +237,23 @@ def cmd_bench(args) -> int:
     from ..core.machine import describe_machine
     from ..core.models import describe_model
     from ..pruning import build_pruned
-    from ..pruning.bench import prefill_benchmark, prompt_ids
+    from ..pruning.bench import check_bench, prefill_benchmark, prompt_ids
 
+    check_bench(args.prompt_length, args.repeat)
     spec = pruner_spec(args)
     model, tokenizer = load_model(args)
+    check_bench(args.prompt_length, args.repeat, model, tokenizer)
     pruner = build_pruned(model, tokenizer, spec).patch
     rows = []
-    for n in args.prompt_length:
-        ids, source = prompt_ids(tokenizer, n, args.text_file)
-        row = prefill_benchmark(model, pruner, ids, repeat=args.repeat)
-        row["text"] = source
-        rows.append(row)
-        if not args.json:
-            print(f"{n:>6} tokens: dense {row['dense_seconds']:.3f} s, pruned {row['pruned_seconds']:.3f} s, "
-                  f"speed-up {row['speedup']:.2f}x, token sparsity {row['token_sparsity']:.1%}", flush=True)
+    with sigterm_as_interrupt():
+        for n in args.prompt_length:
+            ids, source = prompt_ids(tokenizer, n, args.text_file)
+            row = prefill_benchmark(model, pruner, ids, repeat=args.repeat)
+            row["text"] = source
+            rows.append(row)
+            if not args.json:
+                print(f"{n:>6} tokens: dense {row['dense_seconds']:.3f} s, pruned {row['pruned_seconds']:.3f} s, "
+                      f"speed-up {row['speedup']:.2f}x, token sparsity {row['token_sparsity']:.1%}", flush=True)
     if args.json:
         for r in rows:
             r["machine"] = {**describe_machine(), **describe_model(model)}

@@ -60,6 +60,24 @@ def other_cpus_busy(start: tuple[float, float, float] | None, end: tuple[float, 
     return round(max((end[1] - start[1]) - (end[2] - start[2]), 0.0) / (end[0] - start[0]), 2)
 
 
+#: other processes keeping more CPUs than this busy, on average, make a speed measurement unreliable
+BUSY_CPUS = 0.5
+
+
+class OtherLoad:
+    """``with OtherLoad() as load: ...``, then ``load.cpus``: how many CPUs processes other than this
+    one kept busy on average meanwhile (``other_cpus_busy``; None where the OS does not say)."""
+
+    cpus: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start, self.cpus = cpu_snapshot(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cpus = other_cpus_busy(self._start, cpu_snapshot())
+
+
 def describe_machine() -> dict:
     """CPU, GPU, threads and library versions: what a speed number needs beside it
     (``models.describe_model`` adds the model's side)."""

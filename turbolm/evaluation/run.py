@@ -8,6 +8,7 @@ scores everything; ``markdown_table(report)`` renders the result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ def run_eval(config: EvalConfig, target=None, progress: bool = True) -> dict:
     from .harness import Scorer, evaluate, hf_logits_fn
 
     tasks = select_tasks(config)
+    if config.out:
+        check_writable(Path(config.out))
     if config.batch_size < 1:
         raise ParameterError(f"{{}} must be >= 1, got {config.batch_size}", "batch_size")
     if config.pruned is not None:
@@ -215,6 +218,21 @@ def run_eval(config: EvalConfig, target=None, progress: bool = True) -> dict:
         except OSError as e:
             raise TurboLMError(f"cannot write {out}: {e.strerror or e}") from None
     return report
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output file that cannot be written before the evaluation, not after it (when the
+    results would be lost). An existing file is replaced only when the new report is complete."""
+    problem = "it is a directory; give a file name" if out.is_dir() else None
+    if problem is None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = f"cannot create {out.parent} ({e.strerror or e})"
+    if problem is None and not os.access(out.parent, os.W_OK):
+        problem = f"{out.parent} is not writable"
+    if problem:
+        raise TurboLMError(f"cannot write {out}: {problem}")
 
 
 def _pruning_report(config: EvalConfig, pruned, reference) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ParameterError, TurboLMError
-from ..core.generation import forward, new_cache, synchronize
+from ..core.generation import context_length, forward, new_cache, synchronize
 
 DEFAULT_TEXT = Path("../shared/data/language_modeling/wikitext-2-raw/wiki.test.raw")
 _BUILTIN = (
@@ -17,6 +17,19 @@ _BUILTIN = (
     "to produce books in large numbers. Within a few decades printers worked in more than two hundred cities, and "
     "the spread of pamphlets, scientific treatises and vernacular bibles changed how ideas travelled across Europe. "
 )
+
+
+def check_bench(prompt_lengths, repeat: int, model=None, tokenizer=None) -> None:
+    """Every prompt length >= 1 and, once ``model`` is given, within its context; ``repeat`` >= 1."""
+    if repeat < 1:
+        raise ParameterError(f"{{}} must be >= 1, got {repeat}", "repeat")
+    ctx = None if model is None else context_length(model, tokenizer)
+    for n in prompt_lengths:
+        if n < 1:
+            raise ParameterError(f"{{}} must be >= 1, got {n}", "prompt_length")
+        if ctx is not None and n > ctx:
+            raise ParameterError(f"{{}} {n} is longer than the model's context ({ctx} tokens); give at most {ctx}",
+                                 "prompt_length")
 
 
 def prompt_ids(tokenizer, length: int, text_file: str | None = None) -> tuple[torch.Tensor, str]:
@@ -47,6 +60,7 @@ def _prefill_seconds(model, ids) -> float:
 def prefill_benchmark(model, pruner, ids: torch.Tensor, repeat: int = 3, warmup: int = 1) -> dict:
     """Median prefill seconds, dense vs pruned, runs interleaved (dense, pruned, dense, ...) after
     ``warmup`` untimed runs of each; the pruner is attached only for its runs."""
+    check_bench([ids.shape[1]], repeat, model)
     ids = ids.to(model.device)
     dense, pruned = [], []
     for i in range(warmup + repeat):

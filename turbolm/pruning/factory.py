@@ -6,15 +6,17 @@ the same way."""
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..core.errors import ParameterError
-from ..core.io import write_json
+from ..core.io import read_cache_json, write_cache_json
 from ..core.models import cache_root, model_identity
+
+log = logging.getLogger(__name__)
 
 METHODS = ("ftp", "static", "random", "shortgpt", "blockpruner")
 DEFAULT_CALIBRATION = Path("../shared/data/alpaca/alpaca_5000.json")
@@ -153,13 +155,39 @@ def _cache_file(model, name: str) -> Path:
     return cache_root() / "pruning-baselines" / f"{ident['embedding_sha256']}-{name}.json"
 
 
+_UNWRITABLE: set[Path] = set()
+
+
+def _read_cache(path: Path, valid) -> dict:
+    """The cached object in ``path`` if ``valid(obj)`` holds, else {} (a warning says why, if the
+    file exists but cannot be used: it is computed again)."""
+    value, problem = read_cache_json(path)
+    if value and not problem:
+        try:
+            if valid(value):
+                return value
+        except (KeyError, TypeError, IndexError):
+            pass
+        problem = f"{path} is damaged (unexpected content), not used"
+    if problem:
+        log.warning("turbolm: warning: %s", problem)
+    return {}
+
+
+def _write_cache(path: Path, value: dict) -> None:
+    problem = write_cache_json(path, value)
+    if problem and path not in _UNWRITABLE:  # one warning per file, not one per save
+        _UNWRITABLE.add(path)
+        log.warning("turbolm: warning: %s: computed for this run only; set TURBOLM_CACHE to a writable "
+                    "directory to keep it", problem)
+
+
 def _cached(model, name: str, compute):
     path = _cache_file(model, name)
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, value)
+    value = _read_cache(path, lambda v: all(isinstance(x, (int, float)) for x in v["bi"]))
+    if not value:
+        value = compute()
+        _write_cache(path, value)
     return value
 
 
@@ -169,15 +197,16 @@ def blockpruner_order_cached(model, chunks, max_fraction: float, progress: bool 
     from .baselines import blockpruner_order
 
     path = _cache_file(model, f"blockpruner-{chunks.shape[0]}x{chunks.shape[1]}")
-    saved = json.loads(path.read_text()) if path.is_file() else {"order": [], "done": False}
-    if saved.get("done") and (saved["order"][-1]["removed_fraction"] if saved["order"] else 0) >= max_fraction:
+    saved = _read_cache(path, lambda v: isinstance(v["done"], bool)
+                        and all(isinstance(s["removed_fraction"], (int, float)) for s in v["order"]))
+    saved = saved or {"order": [], "done": False}
+    if saved["done"] and (saved["order"][-1]["removed_fraction"] if saved["order"] else 0) >= max_fraction:
         return saved["order"]
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(order):
-        write_json(path, {"order": order, "done": False})
+        _write_cache(path, {"order": order, "done": False})
 
     order = blockpruner_order(model, chunks, max_fraction, progress=progress, start=saved["order"] or None,
                               on_step=save)
-    write_json(path, {"order": order, "done": True})
+    _write_cache(path, {"order": order, "done": True})
     return order

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.errors import TurboLMError
-from ..core.io import write_json
+from ..core.errors import ParameterError, TurboLMError
+from ..core.io import settings_differences, write_json
 from .calibration import DenseReference
 from .genetic import SearchConfig, SearchResult, search_schedule
 from .skipping import TokenPruner, decoder_layers
@@ -22,18 +22,25 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
     copies of them and a few random schedules."""
     out_file = Path(out_file)
     n = len(decoder_layers(model))
-    previous = None
-    if resume and out_file.is_file():
-        try:
-            previous = SearchResult.from_json(json.loads(out_file.read_text())["search"])
-        except (ValueError, KeyError) as e:
-            raise TurboLMError(f"cannot resume the search from {out_file}: {e}") from None
-    fixed = {0: 0.0} if first_block_dense else None
     header = {"target_sparsity": target, "router": getattr(router, "kind", "learned"),
               "calibration_chunks": int(reference.chunks.shape[0]),
               "calibration_seq_len": int(reference.chunks.shape[1]),
               "fitness": "minus mean KL(dense || pruned) per calibration token",
               "config": config.__dict__}
+    previous = None
+    if resume and out_file.is_file():
+        try:
+            saved = json.loads(out_file.read_text())
+            previous = SearchResult.from_json(saved["search"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TurboLMError(f"cannot resume the search from {out_file}: {e}") from None
+        changed = settings_differences(_resume_settings(saved), _resume_settings(header))
+        changed = changed.replace("{", "{{").replace("}", "}}")  # literal in the message template
+        if changed:
+            raise ParameterError(f"cannot resume the search in {out_file}: it was made with other settings "
+                                 f"({changed}); use the same flags, or choose another {{}}", "out")
+    check_out(out_file, resume)
+    fixed = {0: 0.0} if first_block_dense else None
 
     def save(gen, result):
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +54,19 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
                                  progress=progress, on_generation=save, resume=previous)
     save(None, result)
     return result
+
+
+def check_out(out_file: str | Path, resume: bool) -> None:
+    """A search file is continued (``resume``) or refused, never replaced: it may hold hours of work."""
+    if not resume and Path(out_file).exists():
+        raise ParameterError(f"{out_file} already holds a schedule search: pass {{}} to continue it, or choose "
+                             "another {}", "resume", "out")
+
+
+def _resume_settings(saved: dict) -> dict:
+    """What a resumed search must share with the saved one (more generations may be asked for)."""
+    return {**{k: v for k, v in saved.items() if k not in ("config", "search")},
+            **{k: v for k, v in saved.get("config", {}).items() if k != "generations"}}
 
 
 def influence_schedule(model, chunks, target: float, max_sparsity: float = 0.9) -> list[float]:

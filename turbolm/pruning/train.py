@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ParameterError, TurboLMError
-from ..core.io import atomic_write, load_training_state, save_training_state
+from ..core.interrupts import Interrupted, stop_at_safe_point
+from ..core.io import atomic_write, load_training_state, load_weights, save_training_state, settings_differences
 from .calibration import default_score_last
 from .factors import FACTOR_NAMES
 from .router import LearnedRouter
@@ -96,6 +97,22 @@ def _batch(chunks: torch.Tensor, step: int, cfg: RouterTrainConfig) -> torch.Ten
     return chunks[order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
 
 
+_RESUME_MAY_CHANGE = {"save_every", "eval_every"}
+
+
+def check_out(out: str | Path, resume: bool) -> None:
+    """A training run in ``out`` is continued (``resume``) or refused, never started over."""
+    state_dir = Path(out) / "train"
+    if not resume and (state_dir / "latest.json").exists():
+        raise ParameterError(f"{state_dir} already holds a training run: pass {{}} to continue it, "
+                             "or choose another {}", "resume", "out")
+
+
+def _settings(config: dict) -> dict:
+    """The settings a resumed router training must share with the original."""
+    return {k: v for k, v in config.items() if k not in _RESUME_MAY_CHANGE}
+
+
 def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: str | Path,
                  cfg: RouterTrainConfig, *, reference=None, resume: bool = False, progress: bool = True,
                  log=print, stop_at: int | None = None, router: torch.nn.Module | None = None
@@ -111,9 +128,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
 
     out = Path(out)
     state_dir = out / "train"
-    if not resume and (state_dir / "latest.json").exists():
-        raise ParameterError(f"{state_dir} already holds a training run: pass {{}} to continue it, "
-                             "or choose another {}", "resume", "out")
+    check_out(out, resume)
     state_dir.mkdir(parents=True, exist_ok=True)
     if len(train_chunks) < cfg.batch_size:
         raise TurboLMError(f"{len(train_chunks)} training chunks is fewer than the batch size {cfg.batch_size}")
@@ -128,8 +143,11 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     state = {"step": 0, "seconds": 0.0, "config": asdict(cfg), "best_kl": None, "best_step": None}
     if resume and (state_dir / "latest.json").exists():
         state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
-        if state.get("config", {}).get("inputs") != list(cfg.inputs):
-            raise ParameterError(f"{state_dir} was trained with other router inputs; use a new {{}}", "out")
+        changed = settings_differences(_settings(state.get("config", {})), _settings(asdict(cfg)))
+        changed = changed.replace("{", "{{").replace("}", "}}")  # literal in the message template
+        if changed:
+            raise ParameterError(f"{state_dir} was trained with other settings ({changed}); resume it with the same "
+                                 "flags, or choose another {}", "out")
         log(f"resuming router training at step {state['step']}")
     model.requires_grad_(False)
     pruner = TokenPruner(model, router, schedule, dense_kv=cfg.dense_kv, train_records=True)
@@ -151,54 +169,69 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
             atomic_write(best_path, lambda p: save_file(weights, str(p)))
         return kl
 
-    with pruner:
-        if reference is not None and state["step"] == 0:
-            log(f"held-out KL of the initial router: {held_out(0):.5f}")
-        while state["step"] < min(cfg.steps, cfg.steps if stop_at is None else stop_at):
-            step = state["step"]
-            t0 = time.perf_counter()
-            ids = _batch(train_chunks, step, cfg).to(device)
-            tail = cfg.score_last or default_score_last(ids.shape[1])
-            with torch.no_grad(), pruner.disabled():
-                dense = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
-            pruner.training_mode = True
-            pruner.records.clear()
-            router.train()
-            pruned = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
-            pruner.training_mode = False
-            recs = [r for r in pruner.records if schedule[r["block"]] > 0]
-            positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-            l_distill = distillation_loss(dense, pruned)
-            l_sparse = sparsity_loss([r["soft"] for r in recs], [schedule[r["block"]] for r in recs])
-            l_guide = guide_loss([r["logits"] for r in recs],
-                                 [static_keep(positions, int(r["keep"][0].sum())) for r in recs])
-            w = guide_weight(step, cfg)
-            loss = l_distill + cfg.sparsity_weight * l_sparse + w * l_guide
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            pruner.records.clear()
-            soft_sparsity = (sum(1 - float(r["soft"].detach().float().mean()) for r in recs) / len(recs)) if recs else 0.0
-            state["step"] = step + 1
-            state["seconds"] += time.perf_counter() - t0
-            last = {"step": step + 1, "loss": float(loss.detach()), "distill": float(l_distill.detach()),
-                    "sparsity": float(l_sparse.detach()), "guide": float(l_guide.detach()), "guide_weight": w, "soft_sparsity": round(soft_sparsity, 4),
-                    "lr": lr_at(step), "seconds": round(state["seconds"], 1)}
-            if reference is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
-                last["heldout_kl"] = round(held_out(state["step"]), 5)
-            with open(state_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
-            if state["step"] % cfg.save_every == 0 or state["step"] in (cfg.steps, stop_at):
-                save_training_state(state_dir, router, optimizer, state, weights="router.safetensors")
-            bar.set_postfix(kl=f"{last['distill']:.4f}", s=f"{soft_sparsity:.2f}")
-            bar.update(1)
+    saved = state["step"]
+
+    def save():
+        nonlocal saved
+        if state["step"] != saved:
+            save_training_state(state_dir, router, optimizer, state, weights="router.safetensors")
+            saved = state["step"]
+
+    # Ctrl-C / SIGTERM: the step in progress finishes, the state is saved, Interrupted is raised.
+    with stop_at_safe_point() as stop:
+        with pruner:
+            if reference is not None and state["step"] == 0:
+                log(f"held-out KL of the initial router: {held_out(0):.5f}")
+            while state["step"] < min(cfg.steps, cfg.steps if stop_at is None else stop_at) and not stop.requested:
+                step = state["step"]
+                t0 = time.perf_counter()
+                ids = _batch(train_chunks, step, cfg).to(device)
+                tail = cfg.score_last or default_score_last(ids.shape[1])
+                with torch.no_grad(), pruner.disabled():
+                    dense = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
+                pruner.training_mode = True
+                pruner.records.clear()
+                router.train()
+                pruned = model(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
+                pruner.training_mode = False
+                recs = [r for r in pruner.records if schedule[r["block"]] > 0]
+                positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+                l_distill = distillation_loss(dense, pruned)
+                l_sparse = sparsity_loss([r["soft"] for r in recs], [schedule[r["block"]] for r in recs])
+                l_guide = guide_loss([r["logits"] for r in recs],
+                                     [static_keep(positions, int(r["keep"][0].sum())) for r in recs])
+                w = guide_weight(step, cfg)
+                loss = l_distill + cfg.sparsity_weight * l_sparse + w * l_guide
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                pruner.records.clear()
+                soft_sparsity = (sum(1 - float(r["soft"].detach().float().mean()) for r in recs) / len(recs)) if recs else 0.0
+                state["step"] = step + 1
+                state["seconds"] += time.perf_counter() - t0
+                last = {"step": step + 1, "loss": float(loss.detach()), "distill": float(l_distill.detach()),
+                        "sparsity": float(l_sparse.detach()), "guide": float(l_guide.detach()), "guide_weight": w, "soft_sparsity": round(soft_sparsity, 4),
+                        "lr": lr_at(step), "seconds": round(state["seconds"], 1)}
+                if reference is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
+                    last["heldout_kl"] = round(held_out(state["step"]), 5)
+                with open(state_dir / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if state["step"] % cfg.save_every == 0 or state["step"] in (cfg.steps, stop_at):
+                    save()
+                bar.set_postfix(kl=f"{last['distill']:.4f}", s=f"{soft_sparsity:.2f}")
+                bar.update(1)
+        if stop.requested:
+            bar.close()
+            save()
+            if not (state_dir / "latest.json").is_file():
+                raise KeyboardInterrupt  # before the first step: nothing to save
+            raise Interrupted(f"interrupted at router training step {state['step']}; the training state is saved "
+                              f"in {state_dir}: continue with --resume")
     bar.close()
     if best_path.is_file():
-        from safetensors.torch import load_file
-
-        router.load_state_dict(load_file(str(best_path)))
+        load_weights(router, best_path, "train again, or resume from the last state with --resume")
     router.eval()
     return router, {**last, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
                     "best_heldout_kl": None if state.get("best_kl") is None else round(state["best_kl"], 5),

@@ -43,6 +43,8 @@ class DecoderSpec:
     proposed nodes, the root not counted; ``depth`` levels below the root (hybrid: the draft's tree;
     a merge adds up to 10 n-gram nodes). ``adaptive``: per step, speculate or take a plain
     one-token step, whichever is measured faster on the text being written (``SpeculationGate``).
+    ``retime``: with an automatic tree, time the target and the draft again instead of trusting the
+    cached timings (which are checked against a fresh one-token step on every use anyway).
     """
 
     method: str = "none"
@@ -55,6 +57,7 @@ class DecoderSpec:
     top_k: int | None = None
     hybrid_mode: str | None = None
     adaptive: bool = False
+    retime: bool = False
 
     @property
     def manual_tree(self) -> bool:
@@ -91,6 +94,8 @@ class DecoderSpec:
                 raise ParameterError("give {} or {}, not both", "draft", "draft_layers")
         elif self.draft_layers is not None:
             raise ParameterError("{} is only used with {} model", "draft_layers", "method")
+        if self.retime and not self.auto_tree:
+            raise ParameterError("{} is only used with {} auto (a draft's tree sized for this machine)", "retime", "tree")
         if self.method == "none" and self.adaptive:
             raise ParameterError("{} needs a speculative {}", "adaptive", "method")
         if self.method in ("none", "prompt-lookup") and self.draft:
@@ -128,7 +133,7 @@ def build_decoder(model, tokenizer, spec: DecoderSpec, *, log: Callable[[str], N
     decoder = SpeculativeGenerator(model, tokenizer, proposer, tree, adaptive=spec.adaptive)
     if spec.auto_tree:
         decoder.tree_choice = auto_tree(decoder, acceptance=acceptance, draft_id=draft_id, log=log,
-                                        grid=grid or SizingGrid())
+                                        grid=grid or SizingGrid(), retime=spec.retime)
     return decoder
 
 
@@ -148,12 +153,16 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         return PromptLookupProposer(), "prompt-lookup", None
     if spec.method in DRAFT_METHODS:
         from ..core.io import file_sha256
-        from .draft.model import load_draft, shipped_draft
+        from .draft.model import ARCH_NAMES, load_draft, shipped_draft
         from .proposers.jakiro import JakiroProposer
 
         path = Path(spec.draft or shipped_draft("jakiro" if spec.method == "hybrid" else spec.method)).resolve()
         overrides = {"candidate_mode": spec.candidate_mode} if spec.candidate_mode else {}
         draft = load_draft(path, model, overrides=overrides)
+        if spec.method != "hybrid" and draft.config.arch != spec.method:  # hybrid takes either kind
+            have, where = draft.config.arch, str(path).replace("{", "{{").replace("}", "}}")
+            raise ParameterError(f"the draft {where} is of kind {have} ({ARCH_NAMES[have]}), not {spec.method}: "
+                                 f"use {{}} {have}", "method")
         draft_id = f"{spec.method}:{file_sha256(path / 'model.safetensors')[:16]}:{spec.candidate_mode}"
         proposer = JakiroProposer(draft, model)
         if spec.method == "hybrid":

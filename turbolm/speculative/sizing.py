@@ -27,6 +27,15 @@ inside it) are still read: exact enough for EAGLE-2, optimistic for Jakiro trees
 levels; ``turbolm draft calibrate`` rewrites them. Timings are machine-specific and cached per
 machine, model, draft and dtype.
 
+A cached timing can lie: measured while other processes kept the CPUs busy, it describes that
+moment, not the machine (a one-token step cached at 1.9 s instead of 0.03 s promised a 21x speed-up
+for a tree slower than vanilla). So every use re-times the one-token target step first (a few
+forwards) and times everything again when it is off by more than ``TimingPolicy.tolerance`` either
+way; timings taken while other processes kept CPUs busy are used for that run but never cached;
+``retime`` times again on request. A cache that cannot be read or written, or holds damaged
+entries, costs a measurement and one warning, never the run; the file is only rewritten (atomically)
+when something in it changed.
+
 Tree sizes everywhere: ``total_tokens`` counts the proposed nodes, not the root (the last
 committed token); ``depth`` counts levels below the root. EAGLE-2's "60 / 5 / 10" (60 with the
 root, depth 5 meaning 6 levels) is 59 / 6 / 10 here.
@@ -36,17 +45,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import DataError, ParameterError, TurboLMError
 from ..core.generation import synchronize
-from ..core.io import write_json
+from ..core.io import read_cache_json, write_cache_json, write_json
+from ..core.machine import BUSY_CPUS, OtherLoad, load_average
 from .proposers.base import Proposer
 from .tree import Tree, TreeConfig
 
@@ -74,6 +86,9 @@ ACCEPTANCE_FILE = "acceptance.json"
 ACCEPTANCE_VERSION = 2  # 1: one big tree, smaller depths rebuilt inside it; 2: every depth's own tree
 CONVENTION = "nodes excluding the root, depth in levels below it: EAGLE-2's 60 / 5 / 10 is 59 / 6 / 10 here"
 VERIFY_SIZES = (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 33, 41, 49, 65)
+TIMINGS_DIR = "tree-sizing"  # under the cache root: one JSON file per timing_key
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,11 +220,61 @@ class AcceptanceTable:
         write_json(path, asdict(self), indent=None)
 
     @classmethod
+    def from_dict(cls, obj) -> AcceptanceTable:
+        """The table whose JSON form is ``obj``, checked (fields it does not know are ignored);
+        ValueError says what is wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if "accepted" not in obj or "steps" not in obj:
+            raise ValueError("no accepted / steps fields")
+        table = cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        _check_table(table.accepted, "accepted")
+        if not table.candidates():
+            raise ValueError("accepted holds no tree size")
+        if not _is_number(table.steps) or table.steps != int(table.steps) or table.steps < 1:
+            raise ValueError(f"steps is {table.steps!r}, not a positive count")
+        if not isinstance(table.version, int) or isinstance(table.version, bool):
+            raise ValueError(f"version is {table.version!r}")
+        for name in ("calibration", "ngram", "extra_nodes"):
+            if not isinstance(getattr(table, name), dict):
+                raise ValueError(f"{name} is not a JSON object")
+        if table.ngram:
+            if not isinstance(table.ngram.get("settings"), dict):
+                raise ValueError("ngram.settings is not a JSON object")
+            _check_table(table.ngram.get("accepted"), "ngram.accepted")
+            _check_table(table.ngram.get("extra_nodes"), "ngram.extra_nodes")
+        if table.extra_nodes:
+            _check_table(table.extra_nodes, "extra_nodes")
+        return table
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> AcceptanceTable:
         try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise TurboLMError(f"cannot read acceptance statistics {path}: {e}") from None
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except OSError as e:
+            raise DataError(f"cannot read acceptance statistics {path}: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"acceptance statistics {path} are damaged ({e}); `turbolm draft calibrate` with this "
+                            "draft measures them again") from None
+
+
+def _is_number(x) -> bool:
+    """A finite JSON number (not a bool, not NaN or infinite)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_table(d, what: str, levels: int = 3) -> None:
+    """``d``: ``levels`` nested JSON objects keyed by positive integers (depth, top_k, total_tokens)
+    down to numbers >= 0, as :class:`AcceptanceTable` stores them; ValueError says what is not."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    for k, v in d.items():
+        if not (isinstance(k, str) and k.isdecimal() and int(k) >= 1):
+            raise ValueError(f"{what} has the key {k!r}, not a positive integer")
+        if levels > 1:
+            _check_table(v, f"{what}[{k}]", levels - 1)
+        elif not _is_number(v) or v < 0:
+            raise ValueError(f"{what}[{k}] is {v!r}, not a number >= 0")
 
 
 class AcceptanceCounts:
@@ -350,7 +415,7 @@ def record_acceptance(target, tokenizer, proposer, prompts: tuple[str, ...] = CA
 # --- timing ------------------------------------------------------------------------------------
 
 
-def _median_time(fn, repeats: int, device) -> float:
+def _times(fn, repeats: int, device) -> list[float]:
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -358,7 +423,33 @@ def _median_time(fn, repeats: int, device) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, repeats: int, device) -> float:
+    return statistics.median(_times(fn, repeats, device))
+
+
+@torch.inference_mode()
+def time_step(target, prefix: int = 16, warmup: int = 2, repeats: int = 7) -> float:
+    """Seconds of vanilla decoding's step, one target forward over one token after a ``prefix``-token
+    KV cache: the fastest of ``repeats`` after ``warmup`` (the fastest: a stray busy moment slows
+    some repeats, rarely all). A few forwards: the cheap check that cached timings still fit."""
+    from ..core.generation import forward
+    from .cache import new_tree_cache, truncate
+
+    ids = torch.randint(100, target.config.vocab_size, (1, prefix + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(target.device)
+    cache = new_tree_cache()
+    forward(target, ids[:, :prefix], cache, logits_to_keep=1)
+
+    def step():
+        forward(target, ids[:, prefix:], cache)
+        truncate(cache, prefix)
+
+    for _ in range(warmup):
+        step()
+    return min(_times(step, repeats, target.device))
 
 
 @torch.inference_mode()
@@ -398,8 +489,8 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
     """Seconds the proposer needs to draft a (depth, top_k) tree in the steady state:
     ``{depth: {top_k: seconds}}``. Measured as propose() after start() minus the catch-up
     over the prompt (a depth-0 proposal), plus one small catch-up forward (what a step
-    feeds the draft after acceptance). Depths between ``measured_depths`` are interpolated
-    (a level costs about the same as the one before)."""
+    feeds the draft after acceptance). Depths between ``measured_depths`` (and the deepest) are
+    interpolated (a level costs about the same as the one before)."""
     from ..core.chat import encode_prompt
     from ..core.generation import FeatureCapture, forward
     from .cache import new_tree_cache
@@ -424,7 +515,8 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
         run(TreeConfig(8, 2, 4), 2)  # warm-up
         base = run(TreeConfig(1, 1, 1), 0)
         catch_up = max(0.0, run(TreeConfig(1, 1, 1), 1) - base)
-        measured = [d for d in measured_depths if d <= max(depths)] or [max(depths)]
+        # The deepest too: extrapolating a line through two noisy points can fall below zero.
+        measured = sorted({d for d in measured_depths if d <= max(depths)} | {max(depths)})
         per_k = {k: {d: max(0.0, run(TreeConfig(max(d, k), d, k), d) - base) + catch_up for d in measured} for k in top_ks}
     finally:
         proposer.tree = saved
@@ -534,47 +626,155 @@ def _applicable(table: AcceptanceTable | None, ngram) -> AcceptanceTable | None:
     return table.with_ngram(ngram_settings(ngram))
 
 
+@dataclass(frozen=True)
+class TimingPolicy:
+    """When ``--tree auto`` trusts cached timings and caches fresh ones. ``tolerance``: the one-token
+    target step timed now (:func:`time_step`) may differ from the one timed with the cached timings
+    by this factor either way, else everything is timed again. ``busy_cpus``: timings during which
+    other processes kept more CPUs than this busy on average are used for the run but not cached
+    (None: cached all the same)."""
+
+    tolerance: float = 1.5
+    busy_cpus: float | None = BUSY_CPUS
+
+
+@dataclass
+class Timings:
+    """What ``--tree auto`` times on this machine: ``verify[n]``, seconds for the target to verify
+    ``n`` tokens; ``draft[depth][top_k]``, seconds to draft a tree; ``step``, the one-token target
+    step (:func:`time_step`) timed with them; ``measured``: when, and how busy the machine was."""
+
+    verify: dict[int, float]
+    draft: dict[int, dict[int, float]]
+    step: float
+    measured: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"verify_seconds": {str(n): s for n, s in self.verify.items()},
+                "draft_seconds": {str(d): {str(k): s for k, s in ks.items()} for d, ks in self.draft.items()},
+                "step_seconds": self.step, "measured": self.measured}
+
+    @classmethod
+    def from_json(cls, entry: dict, grid: SizingGrid) -> Timings:
+        """The timings of a cache entry, every grid point present and a finite number of seconds
+        (> 0; a draft may cost 0); ValueError says what is wrong. An entry from before the one-token
+        step was recorded is checked against its verification of one token."""
+        verify, draft = entry.get("verify_seconds"), entry.get("draft_seconds")
+        if not isinstance(verify, dict) or not isinstance(draft, dict):
+            raise ValueError("verify_seconds / draft_seconds are not JSON objects")
+        v = {n: _seconds(verify.get(str(n)), f"verify_seconds[{n}]") for n in grid.verify_sizes}
+        d = {}
+        for depth in grid.depths:
+            per_k = draft.get(str(depth))
+            if not isinstance(per_k, dict):
+                raise ValueError(f"draft_seconds[{depth}] is missing")
+            d[depth] = {k: _seconds(per_k.get(str(k)), f"draft_seconds[{depth}][{k}]", zero=True) for k in grid.top_ks}
+        step = _seconds(entry["step_seconds"], "step_seconds") if "step_seconds" in entry else _interpolate(v, 1)
+        measured = entry.get("measured")
+        return cls(v, d, step, measured if isinstance(measured, dict) else {})
+
+
+def _seconds(x, what: str, zero: bool = False) -> float:
+    if not _is_number(x) or x < 0 or (x == 0 and not zero):
+        raise ValueError(f"{what} is {x!r}, not a {'' if zero else 'positive '}number of seconds")
+    return float(x)
+
+
+def _timings_file(key: str) -> tuple[Path | None, str | None]:
+    """``(path, problem)``: the cache file of ``key``, or None and why there is none."""
+    from ..core.models import cache_root
+
+    try:
+        return cache_root() / TIMINGS_DIR / f"{key}.json", None
+    except (RuntimeError, KeyError, OSError, TurboLMError) as e:  # e.g. no home directory to put it in
+        return None, f"no cache directory ({e})"
+
+
+def _differ(now: float, then: float, tolerance: float) -> bool:
+    return not then / tolerance <= now <= then * tolerance
+
+
 def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id: str = "", progress: bool = True,
-              log=None, grid: SizingGrid = SizingGrid()) -> TreeChoice:
+              log=None, grid: SizingGrid = SizingGrid(), retime: bool = False,
+              policy: TimingPolicy = TimingPolicy()) -> TreeChoice:
     """Choose the tree for ``generator`` (a SpeculativeGenerator) on this machine among ``grid``,
     set it, and return the choice. ``acceptance``: the draft's stored statistics (None, or without
     what this proposer needs: calibrate and cache). Timings are cached under the turbolm cache
-    directory, keyed by :func:`timing_key`. A hybrid ``merge`` proposer is sized with the table of
-    merged trees; a hybrid ``choose`` one as its draft alone."""
-    from ..core.models import cache_root
-
+    directory, keyed by :func:`timing_key`, and checked on every use (``policy``); ``retime``: time
+    again all the same. A hybrid ``merge`` proposer is sized with the table of merged trees; a
+    hybrid ``choose`` one as its draft alone. ``log`` receives progress lines and, when the cache
+    cannot be used or the timings cannot be cached, one ``turbolm: warning:`` line (without ``log``,
+    the warning goes to this module's logger)."""
+    warn = log or _logger.warning
     log = log or (lambda msg: None)
     target, proposer = generator.target, generator.proposer
     recorded, timed, merged_ngram = _roles(proposer)
-    key = timing_key(target, proposer, draft_id + grid.key())
-    path = cache_root() / "tree-sizing" / f"{key}.json"
-    cached = {}
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-        except ValueError:
-            cached = {}
-    measured = False
+    path, problem = _timings_file(timing_key(target, proposer, draft_id + grid.key()))
+    entry, problem = read_cache_json(path) if path is not None else ({}, problem)
+    problems = [problem] if problem else []  # why the cache is not used as it should be: one warning at the end
+    # What the file will hold: its valid parts and what was measured (a damaged or unreadable file is
+    # replaced even when nothing new can be cached).
+    store, changed = {}, bool(problem)
+    step = time_step(target)  # first thing, so that it is timed alike on every use
+
     table = _applicable(acceptance, merged_ngram)
-    if table is None and cached.get("acceptance", {}).get("version", 1) >= ACCEPTANCE_VERSION:
-        table = _applicable(AcceptanceTable(**cached["acceptance"]), merged_ngram)
+    if "acceptance" in entry:
+        try:
+            cached_table = AcceptanceTable.from_dict(entry["acceptance"])
+            store["acceptance"] = entry["acceptance"]
+            if table is None and cached_table.exact:
+                table = _applicable(cached_table, merged_ngram)
+        except ValueError as e:
+            problems.append(f"{path} is damaged (acceptance: {e}), not used")
+            changed = True
     if table is None:
         log("tree auto: measuring this draft's acceptance once (greedy, a few short prompts) ...")
         full = record_acceptance(target, generator.tokenizer, recorded, grid.prompts, grid.max_new_tokens,
                                  progress=progress, grid=grid, ngram=getattr(proposer, "ngram", None))
-        cached["acceptance"] = asdict(full)
+        store["acceptance"], changed = asdict(full), True
         table = _applicable(full, merged_ngram)
-        measured = True
-    if "verify_seconds" not in cached:
-        log("tree auto: timing the target and the draft on this machine once (cached) ...")
-        cached["verify_seconds"] = time_verification(target, grid.verify_sizes)
-        cached["draft_seconds"] = time_drafting(timed, target, generator.tokenizer, grid.depths, grid.top_ks)
-        measured = True
-    if measured:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, cached, indent=None)
-    draft_s = {int(d): {int(k): v for k, v in ks.items()} for d, ks in cached["draft_seconds"].items()}
-    choice = choose_tree(table, cached["verify_seconds"], draft_s)
+
+    timings = None
+    if "verify_seconds" in entry or "draft_seconds" in entry:
+        try:
+            timings = Timings.from_json(entry, grid)
+            store.update(timings.to_json())
+        except ValueError as e:
+            problems.append(f"{path} is damaged ({e}), not used")
+            changed = True
+    busy = None
+    if timings is None or retime or _differ(step, timings.step, policy.tolerance):
+        if retime:
+            log("tree auto: timing the target and the draft again, as asked ...")
+        elif timings is None:
+            log("tree auto: timing the target and the draft on this machine once (cached) ...")
+        else:
+            log(f"tree auto: the cached timings do not fit this machine now (a one-token step took "
+                f"{timings.step * 1e3:.1f} ms when they were measured, {step * 1e3:.1f} ms now): timing again ...")
+        with OtherLoad() as load:
+            verify = time_verification(target, grid.verify_sizes)
+            draft = time_drafting(timed, target, generator.tokenizer, grid.depths, grid.top_ks)
+        timings = Timings(verify, draft, step, {"unix_time": round(time.time()), "other_cpus_busy": load.cpus,
+                                                "load_average": load_average()})
+        if policy.busy_cpus is not None and load.cpus is not None and load.cpus > policy.busy_cpus:
+            busy = (f"other processes kept {load.cpus:.1f} CPUs busy while timing, so these timings are used for "
+                    "this run only, not cached (run again when the machine is quieter)")
+        else:
+            store.update(timings.to_json())
+            changed = True
+
+    if changed and path is not None:
+        error = write_cache_json(path, store)
+        if error:
+            problems.append(f"{error}: the measurements are used for this run only; "
+                            "set TURBOLM_CACHE to a writable directory to keep them")
+    elif path is None:
+        problems.append("the measurements are used for this run only")
+    if busy:
+        problems.append(busy)
+    if problems:
+        warn("turbolm: warning: tree auto: " + "; ".join(problems))
+    choice = choose_tree(table, timings.verify, timings.draft)
     proposer.tree = choice.tree
     return choice
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import ParameterError, TurboLMError
-from ...core.io import load_training_state, save_training_state
+from ...core.interrupts import Interrupted, stop_at_safe_point
+from ...core.io import load_training_state, save_training_state, settings_differences
 from .model import ARCHS, CANDIDATE_MODES, PAIRINGS, DraftConfig, DraftModel, KVCache, init_from_target, load_draft
 
 
@@ -385,53 +386,73 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     state = {"step": 0, "epoch": 0, "batch": 0, "config": asdict(cfg), "seconds": 0.0}
     if resume:
         state = load_training_state(out, draft, optimizer, weights="draft.safetensors")
-        if _settings(state["config"]) != _settings(asdict(cfg)):
-            raise TurboLMError(f"{out} was trained with other settings; resume it with the same flags")
+        changed = settings_differences(_settings(state["config"]), _settings(asdict(cfg)))
+        if changed:
+            raise TurboLMError(f"{out} was trained with other settings ({changed}); resume it with the same flags")
     draft, optimizer = accelerator.prepare(draft, optimizer)
     head_w = head.weight
     stop_at = state["step"] + cfg.max_steps if cfg.max_steps else total
     bar = tqdm(total=total, initial=state["step"], disable=not progress, desc=f"train {cfg.arch}", unit="step")
     draft.train()
     t_start, tokens = time.perf_counter() - state["seconds"], 0
-    while state["epoch"] < cfg.epochs and state["step"] < stop_at:
-        batches = _batches(lengths, train_idx, cfg.batch_size, cfg.seed, state["epoch"])
-        while state["batch"] < len(batches) and state["step"] < stop_at:
-            batch = collate([dataset[i] for i in batches[state["batch"]]])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(state["step"], cfg.warmup_steps, total)
-            parts = draft_loss(accelerator.unwrap_model(draft), embed, head_w, batch, cfg, g)
-            optimizer.zero_grad()
-            accelerator.backward(parts["loss"])
-            if cfg.clip_mode == "value":
-                accelerator.clip_grad_value_(draft.parameters(), cfg.grad_clip)
-            else:
-                accelerator.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
-            optimizer.step()
-            state["step"] += 1
-            state["batch"] += 1
-            tokens += int(batch["loss_mask"].sum())
-            row = {k: float(v.detach()) for k, v in parts.items()}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
-            bar.update()
-            if state["step"] % 10 == 0 or state["step"] == total:
-                _log(out, {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], **row,
-                           "answer_tokens_per_s": tokens / max(1e-9, time.perf_counter() - t_start)})
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                _log(out, {"step": state["step"], "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w, dataset, eval_idx, cfg.eval_depth)})
-            if state["step"] % cfg.save_every == 0:
-                state["seconds"] = time.perf_counter() - t_start
-                save_training_state(out, accelerator.unwrap_model(draft), optimizer, state, weights="draft.safetensors")
-        if state["batch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch"] = 0
-            if not cfg.eval_every:
-                _log(out, {"step": state["step"], "epoch": state["epoch"],
-                           "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w, dataset, eval_idx, cfg.eval_depth)})
-    bar.close()
+    position = lambda: (state["step"], state["epoch"], state["batch"])  # noqa: E731
+    saved = position()
+
+    def save():
+        """The training state after the last finished step, unless it is saved already."""
+        nonlocal saved
+        if position() != saved:
+            state["seconds"] = time.perf_counter() - t_start
+            save_training_state(out, accelerator.unwrap_model(draft), optimizer, state, weights="draft.safetensors")
+            saved = position()
+
+    # Ctrl-C / SIGTERM: the step in progress finishes, the state is saved, Interrupted is raised.
+    with stop_at_safe_point() as stop:
+        while state["epoch"] < cfg.epochs and state["step"] < stop_at and not stop.requested:
+            batches = _batches(lengths, train_idx, cfg.batch_size, cfg.seed, state["epoch"])
+            while state["batch"] < len(batches) and state["step"] < stop_at and not stop.requested:
+                batch = collate([dataset[i] for i in batches[state["batch"]]])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * _lr_factor(state["step"], cfg.warmup_steps, total)
+                parts = draft_loss(accelerator.unwrap_model(draft), embed, head_w, batch, cfg, g)
+                optimizer.zero_grad()
+                accelerator.backward(parts["loss"])
+                if cfg.clip_mode == "value":
+                    accelerator.clip_grad_value_(draft.parameters(), cfg.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
+                optimizer.step()
+                state["step"] += 1
+                state["batch"] += 1
+                tokens += int(batch["loss_mask"].sum())
+                row = {k: float(v.detach()) for k, v in parts.items()}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
+                bar.update()
+                if state["step"] % 10 == 0 or state["step"] == total:
+                    _log(out, {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
+                               **row, "answer_tokens_per_s": tokens / max(1e-9, time.perf_counter() - t_start)})
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                    _log(out, {"step": state["step"], "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w,
+                                                                       dataset, eval_idx, cfg.eval_depth)})
+                if state["step"] % cfg.save_every == 0:
+                    save()
+            if state["batch"] >= len(batches):
+                state["epoch"] += 1
+                state["batch"] = 0
+                if not cfg.eval_every:
+                    _log(out, {"step": state["step"], "epoch": state["epoch"],
+                               "eval": evaluate(accelerator.unwrap_model(draft), embed, head_w, dataset, eval_idx,
+                                                cfg.eval_depth)})
+        bar.close()
+        save()
+    if stop.requested:
+        if not (out / "latest.json").is_file():
+            raise KeyboardInterrupt  # before the first step: nothing to save
+        raise Interrupted(f"interrupted at step {state['step']}; the training state is saved in {out}: "
+                          "continue with --resume")
     state["seconds"] = time.perf_counter() - t_start
-    save_training_state(out, accelerator.unwrap_model(draft), optimizer, state, weights="draft.safetensors")
     final = accelerator.unwrap_model(draft)
     finished = state["epoch"] >= cfg.epochs
     if finished:
