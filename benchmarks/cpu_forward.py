@@ -11,9 +11,10 @@ load from other processes hits them alike; the table shows medians in ms.
   python benchmarks/cpu_forward.py --json           # the same as one JSON object
   python benchmarks/cpu_forward.py --compile        # also torch.compile (slow to compile)
 
-Options: ``baseline`` (fp32, F.linear), ``fastpath`` (optimize_for_small_batches),
-``transposed`` (every linear as ``(W @ x.T).T`` for <= 16 rows), ``bf16`` (bf16 weights),
-the baseline and fastpath at 1 thread (if torch uses more; ``--no-one-thread`` skips them); ``max|dlogit|`` is the
+Options: ``baseline`` (fp32, F.linear), ``fastpath`` (optimize_for_small_batches with every fast
+kernel: ``--fast-cpu on``), ``auto`` (the kernel table measured on this machine: ``--fast-cpu auto``),
+``transposed`` (every linear as ``(W @ x.T).T`` for <= 16 rows), ``bf16`` (bf16 weights) and
+``bf16 fastpath`` / ``bf16 auto``, the baseline and fastpath at 1 thread (if torch uses more; ``--no-one-thread`` skips them); ``max|dlogit|`` is the
 largest logit difference from the baseline over all row counts and ``argmax`` whether every
 row's argmax agrees with it.
 """
@@ -35,7 +36,7 @@ from torch import nn
 from turbolm import load_target
 from turbolm.core.generation import forward, new_cache
 from turbolm.core.kernels import linear as fast_linear
-from turbolm.core.kernels import optimize_for_small_batches
+from turbolm.core.kernels import optimize_for_small_batches, table_of
 from turbolm.speculative.cache import truncate
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -124,7 +125,7 @@ def time_lm_head(weight: torch.Tensor, rows, repeats: int):
     variants = {
         "F.linear": lambda x: F.linear(x, weight),
         "(W@x.T).T": lambda x: torch.mm(weight, x.t()).t(),
-        "fastpath.linear": lambda x: fast_linear(x, weight),
+        "fastpath.linear": lambda x: fast_linear(x, weight, force=True),
         "bf16 F.linear": lambda x: F.linear(x.bfloat16(), wb),
     }
     times = {k: {n: [] for n in rows} for k in variants}
@@ -192,9 +193,14 @@ def main():
     # Deep copies that share the weights (no copy) but swap the linear layers' class.
     shared = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
     options["fastpath"] = (optimize_for_small_batches(copy.deepcopy(base, dict(shared)), force=True), None)
+    options["auto"] = (optimize_for_small_batches(copy.deepcopy(base, dict(shared)), mode="auto"), None)
     options["transposed"] = (transposed(copy.deepcopy(base, dict(shared))), None)
     if not args.no_bf16:
-        options["bf16"] = (copy.deepcopy(base).to(torch.bfloat16), None)
+        bf16 = copy.deepcopy(base).to(torch.bfloat16)
+        bf16_shared = {id(t): t for t in list(bf16.parameters()) + list(bf16.buffers())}
+        options["bf16"] = (bf16, None)
+        options["bf16 fastpath"] = (optimize_for_small_batches(copy.deepcopy(bf16, dict(bf16_shared)), force=True), None)
+        options["bf16 auto"] = (optimize_for_small_batches(copy.deepcopy(bf16, dict(bf16_shared)), mode="auto"), None)
     if not args.no_one_thread and threads > 1:
         options["baseline 1 thread"] = (base, 1)
         options["fastpath 1 thread"] = (options["fastpath"][0], 1)
@@ -215,6 +221,7 @@ def main():
         "max_abs_logit_diff_vs_baseline": {k: v[0] for k, v in error.items()},
         "argmax_same_as_baseline": {k: v[1] for k, v in error.items()},
         "lm_head_ms": lm_head,
+        "kernel_tables": {name: table_of(model).to_dict() for name, (model, _) in options.items() if "auto" in name},
         "compile_seconds": {str(k): v for k, v in compile_cost.items()} if compile_cost else None,
         "seconds": time.perf_counter() - t0,
     }
@@ -228,6 +235,10 @@ def main():
     print_table(f"Forward of n new tokens after a {args.prompt_tokens}-token cache, median ms of {args.repeats} (n:)",
                 table, error)
     print_table("lm_head alone (49152 x 576) on n rows, median ms (n:)", lm_head)
+    for name, t in result["kernel_tables"].items():
+        print(f"\n{name}: kernels chosen ({t['source']}) for rows {t['rows']}")
+        for group, row in t["kernels"].items():
+            print(f"  {group:>8}: {' '.join(row)}")
     if compile_cost:
         print("\ntorch.compile first-call seconds: " + ", ".join(f"{k}: {v:.1f}" for k, v in compile_cost.items()))
 

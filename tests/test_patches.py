@@ -179,7 +179,7 @@ def test_fast_linear_stacks_with_pruner(model, fast_first, detach_fast_first):
         assert _close(_logits(model), dense)
         restore(model)
     assert sum(type(m) is nn.Linear for m in model.modules()) == n_linear
-    assert not any("fast_max_rows" in vars(m) for m in model.modules())
+    assert not any("fast_plan" in vars(m) for m in model.modules())
     assert _instance_forwards(model) == [] and "turbolm_patches" not in vars(model)
     assert torch.equal(_logits(model), dense)
 
@@ -191,7 +191,7 @@ def test_deep_copy_of_a_patched_model_restores_on_its_own(model):
     twin = copy.deepcopy(model)
     assert is_optimized(twin) and find(twin, kernels.FastLinearPatch) is not find(model, kernels.FastLinearPatch)
     restore(twin)
-    assert not is_optimized(twin) and not any("fast_max_rows" in vars(m) for m in twin.modules())
+    assert not is_optimized(twin) and not any("fast_plan" in vars(m) for m in twin.modules())
     assert is_optimized(model) and "turbolm_patches" not in vars(twin)
     restore(model)
     assert not is_optimized(model)

@@ -17,10 +17,12 @@ def add_model_args(p: argparse.ArgumentParser, *, flag: str = "--model", fast_cp
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     if fast_cpu:
-        p.add_argument("--fast-cpu", choices=["auto", "off"], default="auto",
-                       help="auto (default): few-token forwards (tree verification, drafting) through oneDNN with "
-                            "pre-packed weights on CPUs where PyTorch's default kernels are slow for few rows (x86, "
-                            "not Intel); costs one extra copy of the weights in memory. Vanilla runs the same way.")
+        p.add_argument("--fast-cpu", choices=["auto", "on", "off"], default="auto",
+                       help="kernels for few-token forwards (decoding, tree verification, drafting) on the CPU: "
+                            "auto (default): per row count, the fastest of F.linear and oneDNN with pre-packed "
+                            "weights, measured once on this machine and model and cached; on: oneDNN at every "
+                            "row count where it applies; off: plain PyTorch. A fast kernel costs up to one extra copy "
+                            "of the weights in memory. Vanilla runs the same way.")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

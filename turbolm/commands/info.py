@@ -1,4 +1,5 @@
-"""``turbolm info``: versions, machine, threads, cache and the model's details."""
+"""``turbolm info``: versions, machine, threads, cache, the model's details, the CPU kernel table
+and how close vanilla decoding runs to the machine's memory-bandwidth limit."""
 
 from __future__ import annotations
 
@@ -8,17 +9,28 @@ from .common import add_model_args, load_model
 
 
 def register(sub) -> None:
-    i = sub.add_parser("info", help="versions, machine, threads, and the model's details")
+    i = sub.add_parser("info", help="versions, machine, threads, the model's details, kernels and bandwidth")
     add_model_args(i)
     i.add_argument("--json", action="store_true", help="print as JSON")
+    i.add_argument("--probe-mb", type=int, default=None, metavar="MB",
+                   help="size of the memory-bandwidth probe (default: 256)")
+    i.add_argument("--decode-tokens", type=int, default=32, metavar="N",
+                   help="greedy tokens timed for the decoding speed (default: 32; 0: skip)")
     i.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from ..core.errors import ParameterError
     from ..core.generation import context_length
-    from ..core.machine import describe_machine
-    from ..core.models import cache_root
+    from ..core.io import cache_root
+    from ..core.kernels import kernel_table, table_of
+    from ..core.machine import PROBE_MB, decoding_bound, describe_machine, memory_bandwidth, time_greedy_decode
 
+    probe_mb = PROBE_MB if args.probe_mb is None else args.probe_mb
+    if probe_mb < 1:
+        raise ParameterError(f"{{}} must be >= 1, got {probe_mb}", "probe_mb")
+    if args.decode_tokens < 0:
+        raise ParameterError(f"{{}} must be >= 0, got {args.decode_tokens}", "decode_tokens")
     info = describe_machine()
     info["cache"] = str(cache_root())
     model, tokenizer = load_model(args)
@@ -34,14 +46,39 @@ def run(args) -> int:
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(model.device),
     }
+    table = table_of(model)  # the table --fast-cpu applied; with off, the one auto would apply
+    info["kernels"] = {"fast_cpu": getattr(args, "fast_cpu", "off"),
+                       **(table if table is not None else kernel_table(model)).to_dict()}
+    bandwidth = memory_bandwidth(probe_mb, device=str(model.device))
+    speed = None
+    if args.decode_tokens:
+        speed = time_greedy_decode(model, tokenizer.encode("The capital of France is"), args.decode_tokens)
+    info["bandwidth"] = {**bandwidth, **decoding_bound(model, bandwidth["gb_per_s"], speed)}
     if args.json:
         print(json.dumps(info, indent=1))
-    else:
-        for k, v in info.items():
-            if isinstance(v, dict):
-                print(f"{k}:")
-                for k2, v2 in v.items():
-                    print(f"  {k2:<15} {v2}")
-            else:
-                print(f"{k:<17} {v}")
+        return 0
+    for k, v in info.items():
+        if k == "kernels":
+            print(_kernel_lines(v))
+        elif isinstance(v, dict):
+            print(f"{k}:")
+            for k2, v2 in v.items():
+                print(f"  {k2:<18} {v2}")
+        else:
+            print(f"{k:<17} {v}")
     return 0
+
+
+def _kernel_lines(k: dict) -> str:
+    """The kernel table as rows (layer groups) by row counts."""
+    head = f"kernels:          {k['dtype']}, {k['source']} (--fast-cpu {k['fast_cpu']})"
+    lines = [head, "  rows    " + "".join(f"{r:>11}" for r in k["rows"])]
+    for group, row in k["kernels"].items():
+        lines.append(f"  {group:<8}" + "".join(f"{name:>11}" for name in row))
+    for group, per in k["timings_ms"].items():
+        for kernel in ("default", "packed", "transposed"):
+            cells = [per.get(str(r), {}).get(kernel) for r in k["rows"]]
+            if any(c is not None for c in cells):
+                lines.append(f"  {group[:3]} {kernel[:4]} ms" + "".join(f"{c:>11.2f}" if c is not None else f"{'':>11}"
+                                                                         for c in cells))
+    return "\n".join(lines)

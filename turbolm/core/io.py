@@ -42,6 +42,19 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent, default=str))
 
 
+def cache_root() -> Path:
+    """``$TURBOLM_CACHE``, else ``$XDG_CACHE_HOME/turbolm``, else ``~/.cache/turbolm`` (without a
+    home directory: a folder in the system's temporary directory)."""
+    if os.environ.get("TURBOLM_CACHE"):
+        return Path(os.environ["TURBOLM_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "turbolm"
+    try:
+        return Path.home() / ".cache" / "turbolm"
+    except (RuntimeError, KeyError):  # no home directory (a bare container, a service account)
+        return Path(tempfile.gettempdir()) / f"turbolm-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
 def read_cache_json(path: str | os.PathLike) -> tuple[dict, str | None]:
     """A cache file's JSON object ({} if there is none) and, if it cannot be used, why: a cache
     is never trusted blindly and never stops a run (the caller measures again)."""

@@ -1,42 +1,66 @@
-"""Fast CPU forwards over a few tokens (decoding, tree verification, drafting).
+"""Fast CPU forwards over a few tokens (decoding, tree verification, drafting), chosen by measurement.
 
-PyTorch's fp32 ``F.linear`` on the CPU goes to MKL, which handles a few rows badly on
-non-Intel processors (on the 2-core AMD EPYC this was measured on, the default model's
-lm_head costs ~4x more for 4 rows than the kernel below; on an Intel Xeon MKL is fine and
-the fast path gains nothing). There, two kernels do better, measured by
-``benchmarks/cpu_forward.py``:
+Which kernel is fastest for a linear layer over a few rows depends on the CPU, the BLAS, the dtype
+and the row count, and no vendor name predicts it: on a 2-core AMD EPYC MKL's fp32 ``F.linear``
+costs ~4x more for 4 rows of the default model's lm_head than oneDNN's; on a 2-core Intel Xeon
+(AVX-512, AMX) oneDNN's fp32 kernel saves ~25% at 4-16 rows but loses at 1 row, while its bf16
+kernel beats ``F.linear`` at every row count. So the choice is measured, once per machine and model.
+The candidates (``benchmarks/cpu_forward.py`` compares them with others):
 
-- 2..``max_rows`` rows: oneDNN's inner product on a weight reordered once into its own
-  ("packed") layout - what Inductor's CPU freezing pass emits. About 2x less time per
-  layer at 2..32 rows and never slower than ``F.linear`` up to 1024 rows.
-- 1 row, vocabulary-sized weights only (the lm_head): ``x @ W.T`` on a contiguous
-  transposed copy reads the weight about twice as fast as ``F.linear``'s gemv; for the
-  small layers MKL's gemv is already as fast as anything.
+- ``default``: ``F.linear``, bit-identical to plain PyTorch.
+- ``packed``: oneDNN's inner product on a weight reordered once into its own ("packed") layout -
+  what Inductor's CPU freezing pass emits. float32, and bfloat16 where oneDNN has bf16 kernels.
+- ``transposed``: ``x @ W.T`` on a contiguous transposed copy; a candidate for 1 row on
+  vocabulary-sized weights (the lm_head, ``TRANSPOSED_MIN_NUMEL`` elements or more).
 
-:func:`optimize_for_small_batches` switches every ``nn.Linear`` of a model to
-:class:`FastLinear` in place, by swapping the instance's class (same parameters,
-state_dict keys, hooks and repr); no modeling code is touched. The swap is a
-:class:`~.patches.ModelPatch` (:class:`FastLinearPatch`) registered on the model, so
-:func:`restore` puts back exactly the classes it replaced, and it combines with the token
-pruner and the layer dropper, in any order. Results equal
-``F.linear``'s up to float32 rounding (another summation order, ~1e-7 relative), the same
-kind of difference ``F.linear`` itself has between a 1-row and an n-row product.
+:func:`kernel_table` times them on the model's *own* linear layers: one pass over every distinct
+weight (so weights come from memory, as in a real forward) with a random input of ``rows`` rows,
+for rows 1, 2, 4, ... 128 (``BUCKETS``), the kernels interleaved, the median of a few repeats, the
+lm_head group (vocabulary-sized weights) apart from the other layers, within a time budget (fewer
+repeats on a loaded machine, where a pass can take 50x longer). Per group and bucket it keeps
+``default`` unless another kernel is faster by more than ``MARGIN`` (5%). A forward over ``r`` rows
+takes the choice of the smallest bucket >= ``r``; more than 128 rows (prefill) run ``F.linear``.
+The timings are cached under the turbolm cache directory per CPU model, logical CPU count, torch
+version and threads, dtype and the set of the model's linear weight shapes (the choice is made
+again from them, so a new margin needs no new measurement); timings taken while other processes
+kept CPUs busy (``machine.BUSY_CPUS``) are used for that run and not cached; a damaged or
+unwritable cache costs a measurement and one warning, never the run.
 
-Only CPU float32 input and weight, with no autograd (inference_mode / no_grad, or frozen
-weights), in eval mode, takes a fast kernel; GPU, bf16/fp16, training, gradients and
-longer inputs (prefill) run the plain ``F.linear``.
+:func:`optimize_for_small_batches` applies a table to a model in place: ``mode="auto"`` measures
+it (or reads it from the cache), ``"on"`` takes the fast kernels at every bucket where one applies
+(``packed`` from 2 rows, ``transposed`` for a 1-row lm_head: ``force=True``), or pass ``table``.
+Every ``nn.Linear`` whose plan uses a fast kernel becomes a :class:`FastLinear` by swapping the
+instance's class (same parameters, state_dict keys, hooks and repr); no modeling code is touched.
+The swap is a :class:`~.patches.ModelPatch` (:class:`FastLinearPatch`) that holds the table, so
+:func:`restore` puts back exactly the classes it replaced, and it combines with the token pruner
+and the layer dropper, in any order. A layer whose bucket says ``default`` calls ``F.linear``;
+the others equal ``F.linear`` up to rounding (another summation order: ~1e-7 relative in float32),
+the same kind of difference ``F.linear`` itself has between a 1-row and an n-row product.
 
-The derived copies (packed, transposed) are made on first use and kept in a cache keyed
-weakly by the weight tensor and checked against its storage and version: tied weights
-are converted once, a weight changed in place or moved is converted again, a deep copy
-that shares the weights (``truncated_draft``) shares them, and they are freed with the
-weight or by :func:`restore`. They cost about one more copy of the weights in memory.
+Only CPU float32 / bfloat16 input and weight of the table's dtype, with no autograd
+(inference_mode / no_grad, or frozen weights), in eval mode, takes a fast kernel; GPU, other
+dtypes, training, gradients and longer inputs run the plain ``F.linear``.
+
+The derived copies (packed, transposed) are made on first use and kept in a cache keyed weakly by
+the weight tensor and checked against its storage and version: tied weights are converted once, a
+weight changed in place or moved is converted again, a deep copy that shares the weights
+(``truncated_draft``) shares them, and they are freed with the weight or by :func:`restore`. Only
+the kinds a table uses are kept (the measurement makes both, then drops the other): at most about
+one more copy of the weights in memory.
 """
 
 from __future__ import annotations
 
 import functools
-import platform
+import hashlib
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +68,32 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ParameterError
-from .machine import cpuinfo_field
+from .machine import BUSY_CPUS
 from .patches import ModelPatch, active, find
 
-# oneDNN wins from 2 rows on and was not slower up to 1024; the cap keeps prefills on the
-# default kernel, where the gain is small and a long prompt's cost is paid once.
-MAX_ROWS = 128
-# From this many weight elements (the lm_head: vocab x hidden) a single row uses the transposed copy.
+#: rows per forward the table distinguishes; a forward over r rows takes the smallest bucket >= r
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# More rows (prefill) stay on the default kernel: the gain is small and a long prompt's cost is paid once.
+MAX_ROWS = BUCKETS[-1]
+#: weights of this many elements or more (the lm_head: vocab x hidden) form the ``lm_head`` group
 TRANSPOSED_MIN_NUMEL = 1 << 22
+#: a fast kernel replaces ``default`` only when it is faster by more than this fraction
+MARGIN = 0.05
+DEFAULT, PACKED, TRANSPOSED = "default", "packed", "transposed"
+KERNELS = (DEFAULT, PACKED, TRANSPOSED)
+GROUPS = ("layers", "lm_head")
+MODES = ("auto", "on", "off")
+REPEATS = 5
+BUDGET_S = 10.0  # seconds of timing rounds after the warm-up, at most (fewer repeats on a loaded machine)
+TABLES_DIR = "kernels"  # under the cache root: one JSON file per table_key
+TABLE_VERSION = 1
+
+_logger = logging.getLogger(__name__)
 
 # weight tensor -> {"packed" | "transposed": (key, tensor)}; see _derived().
 _DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# weight tensor -> the Plan a patch registered for it, for linear() on a weight passed at run time.
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def available() -> bool:
@@ -63,16 +102,278 @@ def available() -> bool:
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...), or "" if unknown."""
-    return cpuinfo_field("vendor_id")
+def bf16_supported() -> bool:
+    """Whether oneDNN has bfloat16 kernels on this CPU (AVX-512 BF16 / AMX, or emulated on AVX-512)."""
+    try:
+        return available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def helps_here() -> bool:
-    """Whether the fast path is expected to pay on this machine: x86 with MKL as PyTorch's
-    BLAS on a CPU that is not Intel's (MKL's generic kernels there are the slow part)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return available() and x86 and torch.backends.mkl.is_available() and cpu_vendor() not in ("", "GenuineIntel")
+def candidates(group: str, rows: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernels timed for ``group`` at ``rows`` rows in ``dtype`` (``default`` first)."""
+    if not available() or dtype not in (torch.float32, torch.bfloat16):
+        return (DEFAULT,)
+    out = [DEFAULT]
+    if dtype is torch.float32 or bf16_supported():
+        out.append(PACKED)
+    if group == "lm_head" and rows == 1:
+        out.append(TRANSPOSED)
+    return tuple(out)
+
+
+def group_of(weight: torch.Tensor) -> str:
+    return "lm_head" if weight.numel() >= TRANSPOSED_MIN_NUMEL else "layers"
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class KernelTable:
+    """The kernel per group (``layers``, ``lm_head``) and bucket (``BUCKETS``) for one dtype.
+
+    ``source``: ``measured``, ``cached`` (timings read from the cache), ``on`` (every fast kernel),
+    ``off``/``none`` (nothing to choose: no oneDNN, a GPU or another dtype); ``timings_ms``: median
+    ms per pass, ``{group: {bucket: {kernel: ms}}}``, for measured and cached tables;
+    ``other_cpus_busy``: CPUs other processes kept busy while it was measured."""
+
+    dtype: torch.dtype
+    kernels: dict[str, tuple[str, ...]]
+    source: str = "measured"
+    timings_ms: dict = field(default_factory=dict)
+    other_cpus_busy: float | None = None
+
+    def kernel(self, group: str, rows: int) -> str:
+        """The kernel for a forward over ``rows`` rows of a weight of ``group``."""
+        i = (rows - 1).bit_length() if rows >= 1 else len(BUCKETS)
+        row = self.kernels.get(group, ())
+        return row[i] if i < len(row) else DEFAULT
+
+    def uses(self, kernel: str) -> bool:
+        return any(kernel in row for row in self.kernels.values())
+
+    @property
+    def fast(self) -> bool:
+        """Whether any bucket takes a kernel other than ``default``."""
+        return any(k != DEFAULT for row in self.kernels.values() for k in row)
+
+    def to_dict(self) -> dict:
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "source": self.source,
+            "rows": list(BUCKETS),
+            "kernels": {g: list(row) for g, row in self.kernels.items()},
+            "timings_ms": self.timings_ms,
+            "other_cpus_busy": self.other_cpus_busy,
+        }
+
+
+def on_table(dtype: torch.dtype) -> KernelTable:
+    """The fast kernels at every bucket where one applies (``mode="on"``, the old ``force``):
+    ``packed`` from 2 rows, ``transposed`` for a 1-row lm_head, ``default`` for other 1-row layers."""
+    kernels = {}
+    for group in GROUPS:
+        row = []
+        for rows in BUCKETS:
+            options = candidates(group, rows, dtype)
+            row.append(TRANSPOSED if TRANSPOSED in options else PACKED if PACKED in options and rows > 1 else DEFAULT)
+        kernels[group] = tuple(row)
+    return KernelTable(dtype, kernels, "on")
+
+
+def off_table(dtype: torch.dtype, source: str = "off") -> KernelTable:
+    return KernelTable(dtype, {g: (DEFAULT,) * len(BUCKETS) for g in GROUPS}, source)
+
+
+def choose(timings: dict, margin: float = MARGIN) -> dict[str, tuple[str, ...]]:
+    """``{group: kernel per bucket}`` from ``{group: {bucket: {kernel: seconds}}}``: the fastest
+    kernel, but ``default`` unless the fastest beats it by more than ``margin``."""
+    out = {}
+    for group, per_bucket in timings.items():
+        row = []
+        for rows in BUCKETS:
+            t = per_bucket[rows]
+            best = min(t, key=t.get)
+            row.append(best if t[best] < (1 - margin) * t[DEFAULT] else DEFAULT)
+        out[group] = tuple(row)
+    return out
+
+
+Timer = Callable[[str, int, str], float]  # (group, rows, kernel) -> seconds for one pass over the group
+
+
+def time_kernels(groups: dict[str, list], dtype: torch.dtype, repeats: int = REPEATS,
+                 timer: Timer | None = None, budget_s: float | None = None) -> dict:
+    """``{group: {bucket: {kernel: median seconds}}}`` for one pass over each group's weights
+    (``groups``: ``{group: [(weight, bias), ...]}``); every (group, bucket, kernel) is timed once to
+    warm up, then ``repeats`` times interleaved. ``budget_s``: fewer repeats where a round takes
+    longer than ``budget_s / repeats`` (a loaded machine), down to the warm-up round's own timings
+    (the packing included: a bias towards ``default``). ``timer``: another way to time a pass (tests)."""
+    timer = timer or _pass_timer(groups, dtype)
+    plan = [(g, rows, k) for g in groups for rows in BUCKETS for k in candidates(g, rows, dtype)]
+    samples: dict = {key: [] for key in plan}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        warm = {key: timer(*key) for key in plan}
+        round_s = time.perf_counter() - start
+        if budget_s is not None:
+            repeats = min(repeats, int(budget_s / max(round_s, 1e-9)))
+        for _ in range(repeats):
+            for key in plan:
+                samples[key].append(timer(*key))
+    out: dict = {}
+    for (g, rows, k), ts in samples.items():
+        out.setdefault(g, {}).setdefault(rows, {})[k] = statistics.median(ts or [warm[(g, rows, k)]])
+    return out
+
+
+def _pass_timer(groups: dict[str, list], dtype: torch.dtype) -> Timer:
+    inputs: dict = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def timer(group: str, rows: int, kernel: str) -> float:
+        pairs = groups[group]
+        xs = []
+        for w, _ in pairs:
+            key = (w.shape[1], rows)
+            if key not in inputs:
+                inputs[key] = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
+            xs.append(inputs[key])
+        start = time.perf_counter()
+        for x, (w, b) in zip(xs, pairs):
+            if kernel == DEFAULT:
+                F.linear(x, w, b)
+            else:
+                _run(kernel, x, w, b)
+        return time.perf_counter() - start
+
+    return timer
+
+
+def linear_weights(model: nn.Module, extra: Iterable[torch.Tensor] = ()) -> dict[str, list]:
+    """``{group: [(weight, bias), ...]}``: every distinct weight of the model's plain linear layers
+    (tied weights once) and ``extra`` weights (without bias), grouped by :func:`group_of`."""
+    seen, groups = set(), {}
+    pairs = [(m.weight, m.bias) for m in model.modules() if type(m) in (nn.Linear, FastLinear)]
+    for w, b in pairs + [(w, None) for w in extra]:
+        if id(w) not in seen:
+            seen.add(id(w))
+            groups.setdefault(group_of(w), []).append((w, b))  # the tensors themselves: _DERIVED is keyed by them
+    return groups
+
+
+def table_key(groups: dict[str, list], dtype: torch.dtype) -> str:
+    """The cache key of a table: this machine (CPU model, logical CPUs, torch version and threads),
+    the dtype and the set of linear weight shapes per group."""
+    from .machine import cpu_model
+
+    shapes = sorted({(g, *w.shape) for g, pairs in groups.items() for w, _ in pairs})
+    parts = [str(TABLE_VERSION), cpu_model(), str(os.cpu_count()), torch.__version__, str(torch.get_num_threads()),
+             str(dtype), repr(shapes)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _cached_timings(entry: dict, groups: dict, dtype: torch.dtype) -> dict:
+    """The timings of a cache entry in seconds, checked (ValueError says what is wrong)."""
+    if entry.get("version") != TABLE_VERSION or entry.get("dtype") != str(dtype):
+        raise ValueError("another version or dtype")
+    stored = entry.get("timings_ms")
+    if not isinstance(stored, dict) or set(stored) != set(groups):
+        raise ValueError("timings_ms does not hold this model's groups")
+    out = {}
+    for g in groups:
+        per_bucket = stored[g]
+        if not isinstance(per_bucket, dict):
+            raise ValueError(f"timings_ms.{g} is not an object")
+        out[g] = {}
+        for rows in BUCKETS:
+            t = per_bucket.get(str(rows))
+            want = candidates(g, rows, dtype)
+            if not isinstance(t, dict) or set(t) != set(want):
+                raise ValueError(f"timings_ms.{g}.{rows} does not hold the kernels {', '.join(want)}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                       for v in t.values()):
+                raise ValueError(f"timings_ms.{g}.{rows} holds a value that is not a positive number")
+            out[g][rows] = {k: v / 1000 for k, v in t.items()}
+    return out
+
+
+def _ms(timings: dict) -> dict:
+    return {g: {str(rows): {k: round(s * 1000, 4) for k, s in t.items()} for rows, t in per.items()}
+            for g, per in timings.items()}
+
+
+def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_weights: Iterable[torch.Tensor] = (),
+                 repeats: int = REPEATS, budget_s: float | None = BUDGET_S, margin: float = MARGIN,
+                 timer: Timer | None = None, cache: bool = True, busy_cpus: float | None = BUSY_CPUS,
+                 log: Callable[[str], None] | None = None) -> KernelTable:
+    """The measured kernel table for ``model``'s linear layers (and ``extra_weights``, e.g. a
+    draft's lm_head rows) in ``dtype`` (default: the model's): read from the cache, else timed
+    (:func:`time_kernels` within ``budget_s``; one progress line to ``log``) and cached unless
+    other processes kept more than ``busy_cpus`` CPUs busy meanwhile (None: cached all the same).
+    Only CPU weights count; without any, or without a fast kernel for the dtype, nothing is timed
+    (source ``none``).
+    ``cache=False``: neither read nor write it. A cache that cannot be read or written, or holds a
+    damaged entry, costs a measurement and one warning."""
+    from .io import cache_root, read_cache_json, write_cache_json
+    from .machine import OtherLoad
+
+    extra_weights = list(extra_weights)
+    groups = {g: [(w, b) for w, b in pairs if w.device.type == "cpu"]
+              for g, pairs in linear_weights(model, extra_weights).items()}
+    groups = {g: pairs for g, pairs in groups.items() if pairs}
+    if dtype is None:
+        dtype = next((pairs[0][0].dtype for pairs in groups.values()), torch.float32)
+    groups = {g: [(w, b) for w, b in pairs if w.dtype is dtype] for g, pairs in groups.items()}
+    groups = {g: pairs for g, pairs in groups.items() if pairs}
+    if not groups or all(candidates(g, rows, dtype) == (DEFAULT,) for g in groups for rows in BUCKETS):
+        return off_table(dtype, "none")
+
+    path = cache_root() / TABLES_DIR / f"{table_key(groups, dtype)}.json" if cache else None
+    problems = []
+    timings = None
+    if path is not None:
+        entry, problem = read_cache_json(path)
+        if problem:
+            problems.append(problem)
+        elif entry:
+            try:
+                timings = _cached_timings(entry, groups, dtype)
+            except (ValueError, TypeError, AttributeError) as e:
+                problems.append(f"{path} is damaged ({e}), not used")
+    source, busy = "cached", None
+    if timings is None:
+        weight_mb = sum(w.numel() * w.element_size() for pairs in groups.values() for w, _ in pairs) / 2**20
+        # Lines worth reading only when the measurement takes a while (seconds; a tiny model: milliseconds).
+        say = log or (_logger.warning if weight_mb >= 32 else _logger.info)
+        say(f"turbolm: timing the CPU kernels on this model's {sum(map(len, groups.values()))} linear layers "
+            f"({str(dtype).replace('torch.', '')}; once per machine and model) ...")
+        with OtherLoad() as load:
+            timings = time_kernels(groups, dtype, repeats, timer, budget_s)
+        source, busy = "measured", load.cpus
+        if path is not None:
+            if busy is not None and busy_cpus is not None and busy > busy_cpus:
+                say(f"turbolm: kernel timings used for this run, not cached: other processes kept {busy:.1f} CPUs "
+                    "busy meanwhile")
+            else:
+                problem = write_cache_json(path, {"version": TABLE_VERSION, "dtype": str(dtype),
+                                                  "timings_ms": _ms(timings), "other_cpus_busy": busy})
+                if problem:
+                    problems.append(f"{problem}; the kernel table is used for this run only (set TURBOLM_CACHE "
+                                    "to a writable directory to keep it)")
+    if problems:
+        _logger.warning("turbolm: warning: %s", "; ".join(problems))
+    table = KernelTable(dtype, choose(timings, margin), source, _ms(timings), busy)
+    for g, pairs in groups.items():  # keep only the derived copies the table uses
+        for kind in (PACKED, TRANSPOSED):
+            if kind not in table.kernels.get(g, ()):
+                for w, _ in pairs:
+                    _DERIVED.get(w, {}).pop(kind, None)
+    return table
+
+
+# --- the kernels --------------------------------------------------------------------------------
 
 
 def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -90,122 +391,194 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
         return hit[1]
     w = weight.detach()
     with torch.no_grad():
-        derived = torch.ops.mkldnn._reorder_linear_weight(w, None) if kind == "packed" else w.t().contiguous()
+        derived = torch.ops.mkldnn._reorder_linear_weight(w, None) if kind == PACKED else w.t().contiguous()
     copies[kind] = (key, derived)
     return derived
 
 
-def _fast_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> int:
-    """How many rows ``x`` holds if a fast kernel should take them, else 0 (plain F.linear)."""
-    if x.dtype is not torch.float32 or weight.dtype is not torch.float32:
-        return 0
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        return 0
-    if bias is not None and (bias.dtype is not torch.float32 or bias.device.type != "cpu"):
-        return 0
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return 0
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 1:
-        return 1 if weight.numel() >= TRANSPOSED_MIN_NUMEL else 0
-    return rows if rows <= max_rows else 0
-
-
-def _fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    if rows == 1:
-        y = torch.mm(x.reshape(1, -1), _derived(weight, "transposed"))
+def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if kernel == TRANSPOSED:
+        y = torch.mm(x.reshape(-1, x.shape[-1]), _derived(weight, TRANSPOSED))
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], weight.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, _derived(weight, "packed"), bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _derived(weight, PACKED), bias, "none", [], "")
+
+
+class Plan(NamedTuple):
+    """What one weight runs: its table's dtype, the row limit and the kernel per bucket."""
+
+    dtype: torch.dtype
+    max_rows: int
+    kernels: tuple[str, ...]
+
+    @property
+    def fast(self) -> bool:
+        """Whether some row count up to ``max_rows`` takes a kernel other than ``default``."""
+        lowest = (1,) + tuple(b // 2 + 1 for b in BUCKETS[1:])  # the fewest rows each bucket takes
+        return any(k != DEFAULT and low <= self.max_rows for k, low in zip(self.kernels, lowest))
+
+
+def plan_for(table: KernelTable, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> Plan:
+    return Plan(table.dtype, max_rows, table.kernels.get(group_of(weight), (DEFAULT,) * len(BUCKETS)))
+
+
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> str:
+    """The kernel ``plan`` gives ``x``'s row count, or ``default`` where no fast kernel may run."""
+    dtype = plan.dtype
+    if x.dtype is not dtype or weight.dtype is not dtype:
+        return DEFAULT
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        return DEFAULT
+    if bias is not None and (bias.dtype is not dtype or bias.device.type != "cpu"):
+        return DEFAULT
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return DEFAULT
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < 1 or rows > plan.max_rows:
+        return DEFAULT
+    i = (rows - 1).bit_length()
+    return plan.kernels[i] if i < len(plan.kernels) else DEFAULT
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            max_rows: int = MAX_ROWS, force: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through a fast kernel where one is faster (where
-    :func:`helps_here`, unless ``force``; with the same eligibility rules as ``FastLinear``).
+    """``F.linear(x, weight, bias)``, through the kernel a patch chose for ``weight`` (see
+    :func:`optimize_for_small_batches`'s ``extra_weights``), or with ``force`` the ``on`` table's;
+    with the same eligibility rules as ``FastLinear``. Any other weight runs ``F.linear``.
 
     For a weight passed in at run time rather than held by an ``nn.Linear``: the target
     lm_head that a feature-level draft scores its tree nodes with, e.g.
     ``linear(hidden, draft.head_weight(lm_head_weight))`` in place of ``DraftModel.logits``.
     A weight already converted for the target's own ``FastLinear`` lm_head is reused.
     """
-    rows = _fast_rows(x, weight, bias, max_rows) if (helps_here() if not force else available()) else 0
-    if not rows:
+    if force:
+        plan = plan_for(on_table(weight.dtype), weight, max_rows) if available() else None
+    else:
+        plan = _PLANS.get(weight)
+    kernel = _kernel(x, weight, bias, plan) if plan is not None else DEFAULT
+    if kernel == DEFAULT:
         return F.linear(x, weight, bias)
-    return _fast_linear(x, weight, bias, rows)
+    return _run(kernel, x, weight, bias)
 
 
 class FastLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward takes a fast kernel for few rows (see the module doc).
+    """An ``nn.Linear`` whose forward takes the kernel its ``fast_plan`` gives the row count (see
+    the module doc). Made by :func:`optimize_for_small_batches` from an existing ``nn.Linear``
+    (class swap); ``fast_plan`` is set per instance there."""
 
-    Made by :func:`optimize_for_small_batches` from an existing ``nn.Linear`` (class swap);
-    ``fast_max_rows`` is set per instance there.
-    """
-
-    fast_max_rows = MAX_ROWS
+    fast_plan = Plan(torch.float32, 0, ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = 0 if self.training else _fast_rows(x, self.weight, self.bias, self.fast_max_rows)
-        if not rows:
+        kernel = DEFAULT if self.training else _kernel(x, self.weight, self.bias, self.fast_plan)
+        if kernel == DEFAULT:
             return F.linear(x, self.weight, self.bias)
-        return _fast_linear(x, self.weight, self.bias, rows)
+        return _run(kernel, x, self.weight, self.bias)
 
 
 class FastLinearPatch(ModelPatch):
-    """The class swap behind :func:`optimize_for_small_batches`: every plain ``nn.Linear`` of
-    the model becomes a :class:`FastLinear` with its own ``fast_max_rows``."""
+    """The class swap behind :func:`optimize_for_small_batches`: every plain ``nn.Linear`` of the
+    model whose plan (from ``table``) uses a fast kernel becomes a :class:`FastLinear`; ``mode``
+    records how the table was made (``auto`` or ``on``), for drafts that follow the model
+    (:func:`optimize_like`). ``extra_weights``: weights used through :func:`linear`, given the
+    table's plan there."""
 
     patches = frozenset({"linear_class"})
 
-    def __init__(self, model: nn.Module, max_rows: int = MAX_ROWS):
+    def __init__(self, model: nn.Module, table: KernelTable, max_rows: int = MAX_ROWS, mode: str = "auto",
+                 extra_weights: Iterable[torch.Tensor] = ()):
         super().__init__(model)
-        self.max_rows = max_rows
+        self.table, self.max_rows, self.mode = table, max_rows, mode
+        self.extra_weights = list(extra_weights)
         self.linears: list[nn.Linear] = []
+        self._registered: list[tuple[torch.Tensor, Plan]] = []
 
     def _patch(self) -> None:
+        mine = {id(m) for m in self.linears}
         for module in self.model.modules():
-            if type(module) is nn.Linear:
+            if id(module) not in mine and type(module) is not nn.Linear:
+                continue
+            plan = plan_for(self.table, module.weight, self.max_rows)
+            if id(module) not in mine:  # a plain nn.Linear: swapped only where a fast kernel may run
+                if module.weight.dtype is not self.table.dtype or not plan.fast:
+                    continue
                 self.replace(module, "__class__", FastLinear)
-                self.replace(module, "fast_max_rows", self.max_rows)
                 self.linears.append(module)
+            self.replace(module, "fast_plan", plan)
+            self._register(module.weight, plan)
+        for w in self.extra_weights:
+            self._register(w, plan_for(self.table, w, self.max_rows))
 
-    def update(self, max_rows: int) -> None:
-        """A new ``max_rows`` for every layer, and the swap for plain ``nn.Linear`` added since."""
-        self.max_rows = max_rows
-        for module in self.linears:
-            self.replace(module, "fast_max_rows", max_rows)
+    def _register(self, weight: torch.Tensor, plan: Plan) -> None:
+        if weight not in _PLANS:  # never take over another patch's weight (a shared lm_head)
+            _PLANS[weight] = plan
+            self._registered.append((weight, plan))
+
+    def update(self, table: KernelTable, max_rows: int, extra_weights: Iterable[torch.Tensor] = ()) -> None:
+        """A new table and ``max_rows`` for every layer, and the swap for plain ``nn.Linear`` added since."""
+        self.table, self.max_rows = table, max_rows
+        self.extra_weights += [w for w in extra_weights if not any(w is e for e in self.extra_weights)]
+        self._unregister()
         self._patch()
+
+    def _unregister(self) -> None:
+        for weight, plan in self._registered:
+            if _PLANS.get(weight) is plan:
+                del _PLANS[weight]
+        self._registered = []
 
     def detach(self) -> None:
         linears = self.linears if self.attached else []
         super().detach()
         for module in linears:
             _DERIVED.pop(module.weight, None)
+        for w in self.extra_weights:
+            _DERIVED.pop(w, None)
+        self._unregister()
         self.linears = []
 
 
-def optimize_for_small_batches(model: nn.Module, max_rows: int = MAX_ROWS, force: bool = False) -> nn.Module:
-    """Switch every plain ``nn.Linear`` in ``model`` to :class:`FastLinear`, in place; return it.
+def optimize_for_small_batches(model: nn.Module, max_rows: int = MAX_ROWS, force: bool = False, *,
+                               mode: str | None = None, table: KernelTable | None = None,
+                               extra_weights: Iterable[torch.Tensor] = (), **measure) -> nn.Module:
+    """Switch the model's plain ``nn.Linear`` layers to the kernels of a table, in place; return it.
 
-    Only where :func:`helps_here` (else the model is returned unchanged), unless ``force``.
+    ``mode="auto"`` (the default): the table :func:`kernel_table` measures (or reads from the
+    cache; ``measure`` goes to it: ``repeats``, ``timer``, ``cache``, ``log``); ``"on"`` (or
+    ``force=True``): every fast kernel (:func:`on_table`); ``table``: that one. Layers whose plan
+    is ``default`` at every bucket up to ``max_rows`` stay plain ``nn.Linear``. ``extra_weights``:
+    weights used through :func:`linear` (a draft's lm_head rows), timed and planned with the layers.
 
-    Idempotent (a second call updates ``max_rows`` and swaps any ``nn.Linear`` added since)
-    and undone by :func:`restore`.
+    Idempotent (a second call updates ``max_rows`` and the table, reusing the attached table for the
+    same mode, and swaps any ``nn.Linear`` added since) and undone by :func:`restore`.
     Parameters, state_dict keys, tied weights and devices are unchanged; subclasses of
     ``nn.Linear`` (LoRA, quantised layers) keep their own forward. Weights are converted on a
-    layer's first fast call, so this call is instant and a GPU model costs no extra memory.
+    layer's first fast call (or by the measurement), and a GPU model costs no extra memory.
     Without oneDNN in the PyTorch build it changes nothing, even with ``force``.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if not available() or not (force or helps_here()):
+    mode = "on" if force else (mode or "auto")
+    if mode not in ("auto", "on"):
+        raise ParameterError(f"{{}} must be auto or on here, got {mode!r}", "mode")
+    if not available():
         return model
+    extra_weights = list(extra_weights)
     patch = find(model, FastLinearPatch)
+    if table is None and patch is not None and patch.mode == mode and not extra_weights:
+        table = patch.table
+    if table is None:
+        p = next(model.parameters(), None)
+        dtype = p.dtype if p is not None else torch.float32
+        if mode == "on":
+            table = on_table(dtype)
+        else:
+            table = kernel_table(model, dtype, extra_weights=extra_weights, **measure)
     if patch is None:
-        FastLinearPatch(model, max_rows).attach()
+        FastLinearPatch(model, table, max_rows, mode, extra_weights).attach()
     else:
-        patch.update(max_rows)
+        patch.mode = mode
+        patch.update(table, max_rows, extra_weights)
     return model
 
 
@@ -224,13 +597,36 @@ def is_optimized(model: nn.Module) -> bool:
     return any(type(m) is FastLinear for m in model.modules())
 
 
+def table_of(model: nn.Module) -> KernelTable | None:
+    """The kernel table applied to ``model`` (None where :func:`optimize_for_small_batches` was not called)."""
+    patch = find(model, FastLinearPatch)
+    return patch.table if patch is not None else None
+
+
+def fast_cpu_mode(model: nn.Module) -> str:
+    """How ``model``'s kernels were chosen: ``auto``, ``on`` or ``off`` (never optimized)."""
+    patch = find(model, FastLinearPatch)
+    return patch.mode if patch is not None else "off"
+
+
+def optimize_like(draft: nn.Module, target: nn.Module, extra_weights: Iterable[torch.Tensor] = ()) -> nn.Module:
+    """Give a draft model the kernel treatment its target got (:func:`fast_cpu_mode`): ``auto``
+    measures the draft's own shapes (and ``extra_weights``), ``on`` takes every fast kernel."""
+    mode = fast_cpu_mode(target)
+    if mode != "off":
+        patch = find(target, FastLinearPatch)
+        optimize_for_small_batches(draft, patch.max_rows, mode=mode, extra_weights=extra_weights)
+    return draft
+
+
 def apply_fast_cpu(model: nn.Module, mode: str = "auto") -> bool:
-    """``fast_cpu="auto"`` switches a CPU float32 model to the fast path where :func:`helps_here`;
-    ``"off"`` leaves it as it is. Returns whether the fast path is on."""
-    if mode not in ("auto", "off"):
-        raise ParameterError(f"{{}} must be auto or off, got {mode!r}", "fast_cpu")
+    """``fast_cpu="auto"`` gives a CPU float32 / bfloat16 model the kernels measured fastest on
+    this machine (:func:`kernel_table`), ``"on"`` every fast kernel, ``"off"`` leaves it as it
+    is. Returns whether any layer runs a fast kernel."""
+    if mode not in MODES:
+        raise ParameterError(f"{{}} must be auto, on or off, got {mode!r}", "fast_cpu")
     p = next(model.parameters(), None)
-    if mode == "off" or p is None or p.device.type != "cpu" or p.dtype != torch.float32:
+    if mode == "off" or p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
         return False
-    optimize_for_small_batches(model)
+    optimize_for_small_batches(model, mode=mode)
     return is_optimized(model)

@@ -102,3 +102,113 @@ def describe_machine() -> dict:
         "turbolm": turbolm_version,
         "platform": platform.platform(),
     }
+
+
+# --- memory bandwidth and the decoding bound ------------------------------------------------------
+# Decoding one token reads every weight once; on a CPU that read, not arithmetic, sets the pace. So
+# the machine's read bandwidth divided by the bytes a token reads bounds the tokens per second of
+# vanilla decoding, and a measured speed says how close to that bound it runs.
+
+PROBE_MB = 256
+BANDWIDTH_DIR = "machine"  # under the cache root: one JSON file per probe key
+
+
+def _probe_key(device: str, mb: int) -> str:
+    import hashlib
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    parts = ["bandwidth-1", cpu_model(), str(os.cpu_count()), torch.__version__, str(torch.get_num_threads()),
+             device, gpu, str(mb)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def memory_bandwidth(mb: int = PROBE_MB, repeats: int = 5, device: str = "cpu", cache: bool = True,
+                     busy_cpus: float | None = BUSY_CPUS) -> dict:
+    """The read bandwidth of ``device``'s memory in GB/s (10^9 bytes): the fastest of ``repeats``
+    sums of an ``mb``-MiB float32 tensor (far larger than the caches, so it comes from memory).
+    ``{"gb_per_s", "probe_mb", "source": "measured" | "cached", "other_cpus_busy"}``. Cached per CPU,
+    threads, torch version, device and probe size; not cached when other processes kept more than
+    ``busy_cpus`` CPUs busy (None: cached all the same); a damaged or unwritable cache only costs a
+    measurement."""
+    import math
+
+    import torch
+
+    from .io import cache_root, read_cache_json, write_cache_json
+
+    if mb < 1 or repeats < 1:
+        raise ValueError(f"mb and repeats must be >= 1, got {mb} and {repeats}")
+    device = str(torch.device(device))
+    path = cache_root() / BANDWIDTH_DIR / f"bandwidth-{_probe_key(device, mb)}.json" if cache else None
+    if path is not None:
+        entry, _ = read_cache_json(path)
+        gbs = entry.get("gb_per_s")
+        if isinstance(gbs, (int, float)) and not isinstance(gbs, bool) and math.isfinite(gbs) and gbs > 0:
+            return {"gb_per_s": float(gbs), "probe_mb": mb, "source": "cached", "other_cpus_busy": entry.get("other_cpus_busy")}
+    x = torch.ones(mb * 2**18, dtype=torch.float32, device=device)  # mb MiB; ones() touches every page
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    with OtherLoad() as load, torch.inference_mode():
+        x.sum()
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            x.sum()
+            sync()
+            best = min(best, time.perf_counter() - start)
+    del x
+    out = {"gb_per_s": round(mb * 2**20 / max(best, 1e-9) / 1e9, 2), "probe_mb": mb, "source": "measured",
+           "other_cpus_busy": load.cpus}
+    if path is not None and (load.cpus is None or busy_cpus is None or load.cpus <= busy_cpus):
+        write_cache_json(path, {"gb_per_s": out["gb_per_s"], "other_cpus_busy": load.cpus})
+    return out
+
+
+def bytes_per_token(model) -> int:
+    """The weight bytes one decoded token reads: every parameter once (a tied embedding / lm_head
+    is one tensor), except that an input embedding not tied to the lm_head is read one row a token."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed is not None and getattr(embed, "weight", None) is not None and id(embed.weight) in params:
+        w = embed.weight
+        if head is None or getattr(head, "weight", None) is not w:
+            total -= (w.shape[0] - 1) * w[0].numel() * w.element_size()
+    return total
+
+
+def time_greedy_decode(model, input_ids, tokens: int = 32) -> float:
+    """Tokens per second of vanilla greedy decoding after a prefill of ``input_ids`` (a list of
+    ids): ``tokens`` one-token forwards with a KV cache, an end-of-sequence token ignored."""
+    import torch
+
+    from .generation import forward, new_cache, synchronize
+
+    device = model.device
+    with torch.inference_mode():
+        cache = new_cache(model)
+        out = forward(model, torch.tensor([list(input_ids)], device=device), cache, logits_to_keep=1)
+        tok = out.logits[0, -1].argmax()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            out = forward(model, tok.view(1, 1), cache)
+            tok = out.logits[0, -1].argmax()
+        synchronize(device)
+        return tokens / (time.perf_counter() - start)
+
+
+def decoding_bound(model, bandwidth_gb_per_s: float, measured_tokens_per_s: float | None = None) -> dict:
+    """The memory-bandwidth limit of vanilla decoding for ``model`` and, given a measured speed,
+    the fraction of it reached: ``{"bytes_per_token", "limit_tokens_per_s", "tokens_per_s",
+    "fraction_of_limit"}``."""
+    per_token = bytes_per_token(model)
+    limit = bandwidth_gb_per_s * 1e9 / per_token if per_token else float("inf")
+    out = {"bytes_per_token": per_token, "limit_tokens_per_s": round(limit, 2)}
+    if measured_tokens_per_s is not None:
+        out["tokens_per_s"] = round(measured_tokens_per_s, 2)
+        out["fraction_of_limit"] = float(f"{measured_tokens_per_s / limit:.3g}") if limit else None
+    return out

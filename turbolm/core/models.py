@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, ModelError, ParameterError, TurboLMError
-from .io import file_sha256, open_safetensors, write_json
+from .io import cache_root, file_sha256, open_safetensors, write_json
 
 log = logging.getLogger("turbolm")
 
@@ -60,19 +60,6 @@ class ModelSource:
     kind: str
     path: Path
     name: str
-
-
-def cache_root() -> Path:
-    """``$TURBOLM_CACHE``, else ``$XDG_CACHE_HOME/turbolm``, else ``~/.cache/turbolm`` (without a
-    home directory: a folder in the system's temporary directory)."""
-    if os.environ.get("TURBOLM_CACHE"):
-        return Path(os.environ["TURBOLM_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "turbolm"
-    try:
-        return Path.home() / ".cache" / "turbolm"
-    except (RuntimeError, KeyError):  # no home directory (a bare container, a service account)
-        return Path(tempfile.gettempdir()) / f"turbolm-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def default_gguf_path() -> Path:

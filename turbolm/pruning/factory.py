@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ParameterError
-from ..core.io import read_cache_json, write_cache_json
-from ..core.models import cache_root, model_identity
+from ..core.io import cache_root, read_cache_json, write_cache_json
+from ..core.models import model_identity
 
 log = logging.getLogger(__name__)
 

@@ -175,12 +175,11 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         from .proposers.small_model import truncated_draft
 
         return ModelProposer(truncated_draft(model, spec.draft_layers), tokenizer), f"layers:{spec.draft_layers}", None
-    from ..core.kernels import is_optimized, optimize_for_small_batches
+    from ..core.kernels import optimize_like
     from ..core.models import load_target, model_identity
 
     draft, draft_tokenizer = load_target(spec.draft, dtype=model.dtype, device=model.device)
-    if is_optimized(model):  # the draft runs few-row forwards too
-        optimize_for_small_batches(draft)
+    optimize_like(draft, model)  # the draft runs few-row forwards too: its own kernel table
     ident = model_identity(draft)
     draft_id = f"model:{ident['embedding_sha256']}:{ident['num_hidden_layers']}"
     return ModelProposer(draft, draft_tokenizer), draft_id, None

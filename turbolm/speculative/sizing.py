@@ -682,7 +682,7 @@ def _seconds(x, what: str, zero: bool = False) -> float:
 
 def _timings_file(key: str) -> tuple[Path | None, str | None]:
     """``(path, problem)``: the cache file of ``key``, or None and why there is none."""
-    from ..core.models import cache_root
+    from ..core.io import cache_root
 
     try:
         return cache_root() / TIMINGS_DIR / f"{key}.json", None

@@ -37,10 +37,10 @@ class JakiroProposer(Proposer):
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings().weight
         self.hybrid = hybrid and draft.config.has_contrastive
-        from ...core.kernels import is_optimized, optimize_for_small_batches
+        from ...core.kernels import fast_cpu_mode, optimize_like
 
-        if is_optimized(target):  # the draft's own layers run on few rows too
-            optimize_for_small_batches(draft)
+        if fast_cpu_mode(target) != "off":  # the draft's own layers and its lm_head rows run on few rows too
+            optimize_like(draft, target, extra_weights=[draft.head_weight(self.lm_head)])
         self.cache = KVCache()
         self.pending: list[torch.Tensor] = []
         self.root_output: DraftOutput | None = None  # the root entry's output at the last catch-up
