@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core.io import write_text
 
 #: methods that verify nothing: their accepted-length histogram is all ones
-NON_SPECULATIVE = ("vanilla", "hf-generate")
+NON_SPECULATIVE = ("vanilla", "hf-generate", "llama-cpp")
 
 
 def _mean(xs) -> float | None:
@@ -124,6 +124,7 @@ def machine_lines(report: dict) -> list[str]:
         + f", warm-up {c['warmup']} question(s) per method (untimed, first turn, <= {c['warmup_max_new_tokens']} tokens)",
         "- all methods in one process, interleaved per question (method order rotating), wall time per answer",
     ]
+    lines += outside_lines(report)
     busy = busy_machine(m)
     if busy is not None:
         if m.get("other_cpus_busy") is not None:
@@ -134,6 +135,29 @@ def machine_lines(report: dict) -> list[str]:
             lines.append(f"- **warning: other processes kept about {busy:.1f} CPU(s) busy during the run; "
                          "timings (not tau or outputs) may be unreliable**")
     return lines
+
+
+def outside_lines(report: dict) -> list[str]:
+    """What the methods that are not turbolm's run on (llama.cpp: its build, weights, threads)."""
+    lines = []
+    for name, about in (report.get("outside") or {}).items():
+        if about.get("kind") != "llama.cpp":
+            continue
+        lookup = (f", its prompt-lookup decoding ({about['prompt_lookup_tokens']} draft tokens per step)"
+                  if about.get("prompt_lookup_tokens") else "")
+        lines.append(f"- {name}: llama.cpp (llama-cpp-python {about.get('llama_cpp_python')}) on "
+                     f"{Path(about['gguf']).name}, quantised {about.get('weights')} weights (turbolm runs the same "
+                     f"file dequantised to {report['machine'].get('dtype')}), {about.get('threads')} threads{lookup}; "
+                     "the same prompt token ids, greedy, its time includes its prefill (no prompt cache between "
+                     "calls); not one of turbolm's methods: its outputs may differ from vanilla's")
+    return lines
+
+
+def _not_ours_note(name: str, report: dict) -> str:
+    about = (report.get("outside") or {}).get(name)
+    if about and about.get("kind") == "llama.cpp":
+        return f" (llama.cpp on quantised {about.get('weights')} weights, not turbolm's)"
+    return " (transformers' own decoding, not turbolm's)"
 
 
 def markdown(report: dict, plots: list[str]) -> str:
@@ -189,7 +213,7 @@ def markdown(report: dict, plots: list[str]) -> str:
                          "to check losslessness exactly.")
         for name, v in methods.items():
             for d in v["overall"]["differing"]:
-                note = "" if v["ours"] else " (transformers' own decoding, not turbolm's)"
+                note = "" if v["ours"] else _not_ours_note(name, report)
                 lines.append(f"- {name}: question {d['question_id']}, turn {d['turn'] + 1}, first at token {d['position']}{note}")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]

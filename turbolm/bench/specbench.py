@@ -16,6 +16,8 @@ Speedup follows Spec-Bench: the mean over questions of the per-question tokens/s
 method / vanilla. tau is the mean number of tokens per target forward after the prefill
 (the mean accepted length incl. the bonus token; 1.0 for vanilla). At temperature 0 every
 method's token ids are compared with vanilla's: turbolm's methods must never differ.
+On request, ``llama-cpp`` and ``llama-cpp-prompt-lookup`` run llama.cpp on the model's GGUF file
+(quantised weights) from the same prompt ids: the outside anchor (``turbolm.bench.llamacpp``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ from ..core.machine import cpu_snapshot, describe_machine, load_average, other_c
 from ..core.models import describe_model
 from ..speculative.factory import DRAFT_METHODS, DecoderSpec, build_decoder
 from ..speculative.sizing import SizingGrid
+from .llamacpp import LLAMA_CPP_METHODS, build_llama_cpp, import_llama_cpp
 
 log = logging.getLogger(__name__)
 
 METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "prompt-lookup", "eagle2", "jakiro", "hybrid")
+#: methods run on request only (``methods=[..., "llama-cpp"]``): llama.cpp on the GGUF file, the
+#: outside anchor (turbolm.bench.llamacpp; needs the optional package llama-cpp-python)
+OPTIONAL_METHODS = LLAMA_CPP_METHODS
 #: turbolm's own decoders: at temperature 0 their output must be vanilla's, token for token
 OURS = ("vanilla", "prompt-lookup", "eagle2", "jakiro", "hybrid")
 #: a suffix for any of turbolm's speculative methods: the same decoder with the speculation gate
@@ -82,6 +88,7 @@ class SpecBenchConfig:
     retime: bool = False  # tree="auto": time the target and the drafts again instead of using the cached timings
     resume: bool = False  # continue the run in ``out`` (same settings): measure only the questions it has not finished
     overwrite: bool = False  # measure again; the old results are replaced only by a complete run or as many questions
+    llama_cpp_gguf: str | None = None  # the GGUF the llama-cpp methods run (default: the model's own GGUF file)
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,7 @@ class Method:
     name: str
     decode: Decoder
     tree: dict | None = None  # the draft tree settings of a speculative method
+    about: dict | None = None  # what the report says of a method that is not turbolm's (llama.cpp's build, weights)
 
 
 class _ForwardRecorder:
@@ -290,28 +298,33 @@ def _ours(name: str, model, tokenizer, config: SpecBenchConfig) -> Method:
 
 def build_methods(names: Sequence[str], model, tokenizer, config: SpecBenchConfig) -> list[Method]:
     """One Method per name, in the given order: turbolm's own through ``build_decoder``, the
-    transformers baselines through ``hf_generate``."""
+    transformers baselines through ``hf_generate``, llama.cpp through ``build_llama_cpp``."""
     methods = []
     for name in names:
         if name == "hf-generate":
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s)))
         elif name == "hf-prompt-lookup":
             methods.append(Method(name, lambda ids, n, s: hf_generate(model, tokenizer, ids, n, s, HF_PROMPT_LOOKUP_TOKENS)))
+        elif name in LLAMA_CPP_METHODS:
+            decoder = build_llama_cpp(name, model, tokenizer, eos_token_ids(model, tokenizer), config.llama_cpp_gguf,
+                                      seed=config.seed)
+            methods.append(Method(name, decoder.generate, about={"kind": "llama.cpp", **decoder.info}))
         elif is_ours(name):
             methods.append(_ours(name, model, tokenizer, config))
         else:
-            raise ParameterError(f"unknown method '{name}' in {{}}; use any of {', '.join(METHODS)}", "methods")
+            raise ParameterError(f"unknown method '{name}' in {{}}; use any of {', '.join(METHODS + OPTIONAL_METHODS)}",
+                                 "methods")
     return methods
 
 
 def check_methods(methods: Sequence[str], drafts: dict[str, str]) -> list[str]:
     """Validated method list, vanilla first (it is the baseline of every comparison)."""
     methods = [m.strip() for m in methods if m.strip()]
-    unknown = [m for m in methods if m not in METHODS and not (is_ours(m) and m.endswith(ADAPTIVE))]
+    unknown = [m for m in methods if m not in METHODS + OPTIONAL_METHODS and not (is_ours(m) and m.endswith(ADAPTIVE))]
     if unknown:
         raise ParameterError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {{}}; "
-                             f"use any of {', '.join(METHODS)} (turbolm's speculative ones also with "
-                             f"{ADAPTIVE})", "methods")
+                             f"use any of {', '.join(METHODS + OPTIONAL_METHODS)} (turbolm's speculative ones also "
+                             f"with {ADAPTIVE})", "methods")
     for name in drafts:
         if name not in DRAFT_METHODS:
             raise ParameterError(f"{{}} {name}=...: drafts are for {' / '.join(DRAFT_METHODS)} only", "drafts")
@@ -531,6 +544,11 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     load_at_start = load_average()
     drafts = dict(config.drafts or {})
     methods = check_methods(config.methods, drafts)
+    if any(m in LLAMA_CPP_METHODS for m in methods):
+        import_llama_cpp()  # before the model loads: a missing package is refused at once
+    elif config.llama_cpp_gguf is not None:
+        raise ParameterError(f"{{}} given but no llama.cpp method ({' / '.join(LLAMA_CPP_METHODS)}) is in {{}}",
+                             "llama_cpp_gguf", "methods")
     for name, v, lo in (("max_new_tokens", config.max_new_tokens, 1), ("limit", config.limit, 1), ("warmup", config.warmup, 0)):
         if v is not None and v < lo:
             raise ParameterError(f"{{}} must be >= {lo}, got {v}", name)
@@ -614,6 +632,7 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
                 "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
                 "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS)},
         trees=trees,
+        outside={m.name: m.about for m in built if m.about},
         questions={"file": str(config.questions), "valid": len(questions), "selected": len(selected),
                    "measured": report["questions_measured"], "resumed": len(done), "skipped_rows": dict(skipped_rows),
                    "skipped_questions": skipped_questions},

@@ -14,14 +14,18 @@ FLAGS = {"drafts": "--draft", "hybrid_mode": "--hybrid"}
 
 
 def register(sub) -> None:
-    from ..bench.specbench import METHODS
+    from ..bench.specbench import METHODS, OPTIONAL_METHODS
 
     b = sub.add_parser("bench", help="benchmarks")
     kinds = b.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser("spec", help="Spec-Bench: speedup, tau and losslessness of every decoding method on the same questions")
     p.add_argument("--questions", required=True, help="Spec-Bench jsonl: question_id, category, turns (list of strings)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} "
-                   "(default: all; vanilla, the baseline, always runs)")
+                   f"(default: all; vanilla, the baseline, always runs), and on request {', '.join(OPTIONAL_METHODS)}: "
+                   "llama.cpp on the model's GGUF file (needs pip install 'turbolm[llamacpp]')")
+    p.add_argument("--llama-cpp-gguf", default=None, metavar="FILE",
+                   help="the GGUF file of the same model for the llama-cpp methods (default: the model's own, when "
+                        "--model is a GGUF file or the default model)")
     p.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
                    help="draft checkpoint for eagle2, jakiro or hybrid (repeatable; default: the shipped one; hybrid: "
                         "jakiro's)")
@@ -74,7 +78,7 @@ def run(args) -> int:
         limit=args.limit, categories=categories, drafts=drafts, total_tokens=args.total_tokens, depth=args.depth,
         top_k=args.top_k, hybrid_mode=args.hybrid_mode, warmup=args.warmup, fast_cpu=args.fast_cpu,
         per_category=args.per_category, retime=args.retime, resume=args.resume, overwrite=args.overwrite,
-        tree=args.tree or ("fixed" if manual else "auto"),
+        tree=args.tree or ("fixed" if manual else "auto"), llama_cpp_gguf=args.llama_cpp_gguf,
     )
     with sigterm_as_interrupt():  # as Ctrl-C: the report covers the questions measured so far
         report = run_spec_bench(config, progress=True)
