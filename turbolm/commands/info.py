@@ -72,13 +72,14 @@ def run(args) -> int:
 def _kernel_lines(k: dict) -> str:
     """The kernel table as rows (layer groups) by row counts."""
     head = f"kernels:          {k['dtype']}, {k['source']} (--fast-cpu {k['fast_cpu']})"
-    lines = [head, "  rows    " + "".join(f"{r:>11}" for r in k["rows"])]
+    width = 24
+    lines = [head, "  " + "rows".ljust(width) + "".join(f"{r:>11}" for r in k["rows"])]
     for group, row in k["kernels"].items():
-        lines.append(f"  {group:<8}" + "".join(f"{name:>11}" for name in row))
+        lines.append("  " + f"{group}: chosen".ljust(width) + "".join(f"{name:>11}" for name in row))
     for group, per in k["timings_ms"].items():
         for kernel in ("default", "packed", "transposed"):
             cells = [per.get(str(r), {}).get(kernel) for r in k["rows"]]
             if any(c is not None for c in cells):
-                lines.append(f"  {group[:3]} {kernel[:4]} ms" + "".join(f"{c:>11.2f}" if c is not None else f"{'':>11}"
-                                                                         for c in cells))
+                label = f"{group}: {kernel}, ms".ljust(width)
+                lines.append("  " + label + "".join(f"{c:>11.2f}" if c is not None else f"{'':>11}" for c in cells))
     return "\n".join(lines)
