@@ -3,6 +3,8 @@ ordinary Hugging Face model directories, and the real default model for `slow` t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -154,3 +156,20 @@ def near_bigram(tmp_path_factory):
         for expert in draft.experts:
             expert.down_proj.weight.normal_(0, 0.02)
     return target, tok, draft
+
+
+DRAFT_ROWS = [
+    {"instruction": f"Say the colours number {i}.", "input": "", "output": "red green blue " * (2 + i % 3) + "and the sea."}
+    for i in range(36)
+]
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_dir, tmp_path_factory):
+    """Target features of 36 tiny chat rows for draft training (``turbolm draft prepare``'s output)."""
+    from turbolm.speculative.draft.data import prepare_features
+
+    d = tmp_path_factory.mktemp("prep")
+    (d / "data.json").write_text(json.dumps(DRAFT_ROWS))
+    prepare_features(tiny_dir, d / "data.json", d / "features", max_length=128, shard_size=16, progress=False)
+    return d / "features"

@@ -7,23 +7,9 @@ import torch
 
 from turbolm import TurboLMError, encode_prompt, generate, load_target
 from turbolm.speculative import SpeculativeGenerator, TreeConfig
-from turbolm.speculative.draft.data import prepare_features
 from turbolm.speculative.draft.model import load_draft
 from turbolm.speculative.draft.train import TrainConfig, chain_agreement, draft_loss, train
 from turbolm.speculative.proposers.jakiro import JakiroProposer
-
-ROWS = [
-    {"instruction": f"Say the colours number {i}.", "input": "", "output": "red green blue " * (2 + i % 3) + "and the sea."}
-    for i in range(36)
-]
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("prep")
-    (d / "data.json").write_text(json.dumps(ROWS))
-    prepare_features(tiny_dir, d / "data.json", d / "features", max_length=128, shard_size=16, progress=False)
-    return d / "features"
 
 
 def config(prepared, out, tiny_dir, **kw):

@@ -23,8 +23,6 @@ QUESTIONS = [
     {"question_id": 2, "category": "qa", "turns": ["The capital of France is Paris. What is the capital of France?"]},
     {"question_id": 3, "category": "qa", "turns": ["def add(a, b):\n    return a + b\n\nExplain add(a, b)."]},
 ]
-ROWS = [{"instruction": f"Say the colours number {i}.", "input": "", "output": "red green blue " * (2 + i % 3) + "and the sea."}
-        for i in range(36)]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +30,6 @@ def questions(tmp_path_factory):
     path = tmp_path_factory.mktemp("questions") / "questions.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     return path
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_dir, tmp_path_factory):
-    from turbolm.speculative.draft.data import prepare_features
-
-    d = tmp_path_factory.mktemp("prep")
-    (d / "data.json").write_text(json.dumps(ROWS))
-    prepare_features(tiny_dir, d / "data.json", d / "features", max_length=128, shard_size=16, progress=False)
-    return d / "features"
 
 
 def config(questions, out, **kw) -> SpecBenchConfig:
@@ -186,6 +174,7 @@ def test_router_training_saves_on_sigterm_and_resumes_exactly(three_layer_llama,
         train_router(model, chunks, [0.3] * 3, tmp_path / "b", cfg, resume=True, progress=False, log=lambda *_: None)
 
 
+@pytest.mark.slow  # a real process (~6 s): runs with `make test`, as CI does
 def test_ctrl_c_during_draft_training_saves_the_state(prepared, tiny_dir, tmp_path):
     """A real ``turbolm draft train`` process, Ctrl-C once it has logged: the steps trained
     are saved (atomically), one message says so, and --resume continues from there."""
