@@ -317,7 +317,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
     ``cache=False``: neither read nor write it. A cache that cannot be read or written, or holds a
     damaged entry, costs a measurement and one warning."""
     from .io import cache_root, read_cache_json, write_cache_json
-    from .machine import OtherLoad
+    from .machine import OtherLoad, too_busy
 
     extra_weights = list(extra_weights)
     groups = {g: [(w, b) for w, b in pairs if w.device.type == "cpu"]
@@ -353,7 +353,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
             timings = time_kernels(groups, dtype, repeats, timer, budget_s)
         source, busy = "measured", load.cpus
         if path is not None:
-            if busy is not None and busy_cpus is not None and busy > busy_cpus:
+            if too_busy(load.cpus, busy_cpus):
                 say(f"turbolm: kernel timings used for this run, not cached: other processes kept {busy:.1f} CPUs "
                     "busy meanwhile")
             else:

@@ -78,6 +78,12 @@ class OtherLoad:
         self.cpus = other_cpus_busy(self._start, cpu_snapshot())
 
 
+def too_busy(cpus: float | None, limit: float | None = BUSY_CPUS) -> bool:
+    """Whether other processes kept more than ``limit`` CPUs busy (``OtherLoad.cpus``; never where
+    the OS does not say or ``limit`` is None): a speed measurement taken meanwhile is not cached."""
+    return cpus is not None and limit is not None and cpus > limit
+
+
 def describe_machine() -> dict:
     """CPU, GPU, threads and library versions: what a speed number needs beside it
     (``models.describe_model`` adds the model's side)."""
@@ -161,7 +167,7 @@ def memory_bandwidth(mb: int = PROBE_MB, repeats: int = 5, device: str = "cpu", 
     del x
     out = {"gb_per_s": round(mb * 2**20 / max(best, 1e-9) / 1e9, 2), "probe_mb": mb, "source": "measured",
            "other_cpus_busy": load.cpus}
-    if path is not None and (load.cpus is None or busy_cpus is None or load.cpus <= busy_cpus):
+    if path is not None and not too_busy(load.cpus, busy_cpus):
         write_cache_json(path, {"gb_per_s": out["gb_per_s"], "other_cpus_busy": load.cpus})
     return out
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, ModelError, ParameterError, TurboLMError
-from .io import cache_root, file_sha256, open_safetensors, write_json
+from .io import cache_root, file_sha256, open_safetensors, read_cache_json, write_cache_json
 
 log = logging.getLogger("turbolm")
 
@@ -166,18 +166,11 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _read_verified(directory: Path) -> dict:
-    try:
-        verified = json.loads((directory / _VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-    return verified if isinstance(verified, dict) else {}
+    return read_cache_json(directory / _VERIFIED)[0]  # unreadable or damaged: everything is hashed again
 
 
 def _remember_verified(directory: Path, stamps: dict) -> None:
-    try:
-        write_json(directory / _VERIFIED, stamps)
-    except OSError:  # a read-only cache is verified on every load instead
-        pass
+    write_cache_json(directory / _VERIFIED, stamps)  # a read-only cache is verified on every load instead
 
 
 def _cache_problem(directory: Path) -> str | None:

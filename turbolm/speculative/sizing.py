@@ -58,7 +58,7 @@ import torch
 from ..core.errors import DataError, ParameterError, TurboLMError
 from ..core.generation import synchronize
 from ..core.io import read_cache_json, write_cache_json, write_json
-from ..core.machine import BUSY_CPUS, OtherLoad, load_average
+from ..core.machine import BUSY_CPUS, OtherLoad, load_average, too_busy
 from .proposers.base import Proposer
 from .tree import Tree, TreeConfig
 
@@ -756,7 +756,7 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
             draft = time_drafting(timed, target, generator.tokenizer, grid.depths, grid.top_ks)
         timings = Timings(verify, draft, step, {"unix_time": round(time.time()), "other_cpus_busy": load.cpus,
                                                 "load_average": load_average()})
-        if policy.busy_cpus is not None and load.cpus is not None and load.cpus > policy.busy_cpus:
+        if too_busy(load.cpus, policy.busy_cpus):
             busy = (f"other processes kept {load.cpus:.1f} CPUs busy while timing, so these timings are used for "
                     "this run only, not cached (run again when the machine is quieter)")
         else:
