@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import ParameterError, TurboLMError, literal
 from ..core.generation import GenerationResult, SamplingParams, context_length
 
 LLAMA_CPP_METHODS = ("llama-cpp", "llama-cpp-prompt-lookup")
@@ -54,18 +54,14 @@ def resolve_gguf(model, gguf: str | Path | None) -> Path:
     if gguf is not None:
         path = Path(gguf).expanduser()
         if not path.is_file() or path.suffix.lower() != ".gguf":
-            raise ParameterError(f"{{}} {_literal(gguf)}: not a .gguf file", "llama_cpp_gguf")
+            raise ParameterError(f"{{}} {literal(gguf)}: not a .gguf file", "llama_cpp_gguf")
         return path
     source = getattr(model, "turbolm_source", None)
     if source is not None and source.kind in ("default", "gguf"):
         return source.path
     name = source.name if source is not None else type(model).__name__
-    raise ParameterError(f"the llama-cpp methods run a GGUF file and the model {_literal(name)} is a Hugging Face "
+    raise ParameterError(f"the llama-cpp methods run a GGUF file and the model {literal(name)} is a Hugging Face "
                          "directory: give a GGUF of the same model with {}", "llama_cpp_gguf")
-
-
-def _literal(text) -> str:
-    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def check_tokenizer(llm, tokenizer, gguf: Path) -> None:
@@ -80,7 +76,7 @@ def check_tokenizer(llm, tokenizer, gguf: Path) -> None:
     have = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
     if have != want:
         at = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
-        raise ParameterError(f"the tokenizer of {_literal(gguf.name)} does not match the model's (a sample prompt "
+        raise ParameterError(f"the tokenizer of {literal(gguf.name)} does not match the model's (a sample prompt "
                              f"differs at token {at}: {have[at:at + 3]} vs {want[at:at + 3]}); give the GGUF of the "
                              "same model with {}", "llama_cpp_gguf")
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from ..core.chat import run_turns
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import ParameterError, TurboLMError, literal
 from ..core.generation import GenerationResult, SamplingParams, check_prompt_length, eos_token_ids, synchronize, tau_of
-from ..core.io import file_sha256, settings_differences, write_json, write_text
+from ..core.io import file_sha256, read_cache_json, settings_differences, write_json, write_text
 from ..core.machine import cpu_snapshot, describe_machine, load_average, other_cpus_busy
 from ..core.models import describe_model
 from ..speculative.factory import DRAFT_METHODS, DecoderSpec, build_decoder
@@ -371,12 +371,8 @@ def read_previous_run(out: Path) -> PreviousRun | None:
     results = out / RESULTS
     if not results.is_file():
         return None
-    run = None
-    try:
-        run = json.loads((out / RUN).read_text(encoding="utf-8"))
-        run = run if isinstance(run.get("settings"), dict) else None
-    except (OSError, ValueError, AttributeError):
-        pass
+    run, _ = read_cache_json(out / RUN)  # unreadable or damaged: {}, and the records speak for themselves
+    run = run if isinstance(run.get("settings"), dict) else None
     by_question: dict = {}
     for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -394,11 +390,6 @@ def read_previous_run(out: Path) -> PreviousRun | None:
     return PreviousRun(run["settings"] if run else None, run.get("trees") if run else None, records)
 
 
-def _literal(text) -> str:
-    """``text`` inside a ParameterError template (its braces are not placeholders)."""
-    return str(text).replace("{", "{{").replace("}", "}}")
-
-
 def _check_previous(previous: PreviousRun | None, config: SpecBenchConfig, settings: dict) -> list[dict]:
     """The records a run into ``config.out`` continues from (``resume``), or none; refuses to
     touch an earlier run without ``resume`` or ``overwrite``, and a resume with other settings."""
@@ -406,7 +397,7 @@ def _check_previous(previous: PreviousRun | None, config: SpecBenchConfig, setti
         raise ParameterError("give {} or {}, not both", "resume", "overwrite")
     if previous is None or config.overwrite:
         return []
-    out = _literal(config.out)
+    out = literal(config.out)
     if not config.resume:
         raise ParameterError(f"{out} already holds a Spec-Bench run ({previous.questions} question(s) measured): pass "
                              "{} to continue it, {} to measure again (the old results are replaced only by a complete "
@@ -416,7 +407,7 @@ def _check_previous(previous: PreviousRun | None, config: SpecBenchConfig, setti
                              "measured with are unknown; measure again with {}", "overwrite")
     changed = settings_differences(previous.settings, settings)
     if changed:
-        raise ParameterError(f"{out} was measured with other settings ({_literal(changed)}): resume it with the same "
+        raise ParameterError(f"{out} was measured with other settings ({literal(changed)}): resume it with the same "
                              "settings, or measure again with {}", "overwrite")
     return previous.records
 
@@ -428,7 +419,7 @@ def _check_trees(previous: PreviousRun | None, trees: dict, config: SpecBenchCon
         return
     changed = settings_differences(previous.trees, trees)
     if changed:
-        raise ParameterError(f"{_literal(config.out)} was measured with other draft trees ({_literal(changed)}): "
+        raise ParameterError(f"{literal(config.out)} was measured with other draft trees ({literal(changed)}): "
                              "resume it on the machine that started it, or measure again with {}", "overwrite")
 
 

@@ -31,6 +31,12 @@ class ParameterError(TurboLMError, ValueError):
         return self.template.format(*(name(p) for p in self.params))
 
 
+def literal(text) -> str:
+    """``text`` (a path, a list of settings) placed inside a :class:`ParameterError` template: its
+    braces are text, not placeholders."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class DataError(TurboLMError):
     """A file or dataset that is missing, unreadable, damaged or does not match what it is used with."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import ParameterError, TurboLMError, literal
 from ..core.io import settings_differences, write_json
 from .calibration import DenseReference
 from .genetic import SearchConfig, SearchResult, search_schedule
@@ -35,7 +35,7 @@ def run_search(model, router, reference: DenseReference, target: float, out_file
         except (ValueError, KeyError, TypeError) as e:
             raise TurboLMError(f"cannot resume the search from {out_file}: {e}") from None
         changed = settings_differences(_resume_settings(saved), _resume_settings(header))
-        changed = changed.replace("{", "{{").replace("}", "}}")  # literal in the message template
+        changed = literal(changed)
         if changed:
             raise ParameterError(f"cannot resume the search in {out_file}: it was made with other settings "
                                  f"({changed}); use the same flags, or choose another {{}}", "out")

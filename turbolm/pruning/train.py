@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import ParameterError, TurboLMError
+from ..core.errors import ParameterError, TurboLMError, literal
 from ..core.interrupts import Interrupted, stop_at_safe_point
 from ..core.io import atomic_write, load_training_state, load_weights, save_training_state, settings_differences
 from .calibration import default_score_last
@@ -144,7 +144,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     if resume and (state_dir / "latest.json").exists():
         state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
         changed = settings_differences(_settings(state.get("config", {})), _settings(asdict(cfg)))
-        changed = changed.replace("{", "{{").replace("}", "}}")  # literal in the message template
+        changed = literal(changed)
         if changed:
             raise ParameterError(f"{state_dir} was trained with other settings ({changed}); resume it with the same "
                                  "flags, or choose another {}", "out")

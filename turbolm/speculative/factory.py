@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ParameterError
+from ..core.errors import ParameterError, literal
 from ..core.generation import VanillaDecoder
 from .engine import SpeculativeGenerator
 from .sizing import SizingGrid, auto_tree, stored_acceptance, timing_key
@@ -160,7 +160,7 @@ def _proposer(model, tokenizer, spec: DecoderSpec):
         overrides = {"candidate_mode": spec.candidate_mode} if spec.candidate_mode else {}
         draft = load_draft(path, model, overrides=overrides)
         if spec.method != "hybrid" and draft.config.arch != spec.method:  # hybrid takes either kind
-            have, where = draft.config.arch, str(path).replace("{", "{{").replace("}", "}}")
+            have, where = draft.config.arch, literal(path)
             raise ParameterError(f"the draft {where} is of kind {have} ({ARCH_NAMES[have]}), not {spec.method}: "
                                  f"use {{}} {have}", "method")
         draft_id = f"{spec.method}:{file_sha256(path / 'model.safetensors')[:16]}:{spec.candidate_mode}"

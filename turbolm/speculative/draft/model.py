@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import DataError, ParameterError, TurboLMError
+from ...core.errors import DataError, ParameterError, TurboLMError, literal
 from ...core.io import atomic_write, load_weights
 from ...core.kernels import linear as fast_linear
 from ...core.models import identity_mismatch, model_identity
@@ -362,7 +362,7 @@ def load_draft(directory: str | os.PathLike, target=None, device=None, dtype=Non
         raise DataError(f"{d / 'config.json'} is not a valid draft config: {str(e).splitlines()[0]}") from None
     mode = (overrides or {}).get("candidate_mode")
     if mode and config.arch == "eagle2" and mode != "mixture":
-        where = str(directory).replace("{", "{{").replace("}", "}}")
+        where = literal(directory)
         raise ParameterError(f"{{}} {mode} needs a Jakiro draft; {where} holds an EAGLE-2 draft", "candidate_mode")
     if overrides:
         config = replace(config, **overrides)
