@@ -81,10 +81,10 @@ def _cache_kwarg(model_cls) -> str:
 
 
 def new_cache(model):
-    """An empty KV cache laid out for ``model`` (sliding-window layers included)."""
-    from transformers import DynamicCache
+    """An empty KV cache laid out for ``model`` (sliding-window layers included), appending in place."""
+    from .kvcache import growing_cache
 
-    return DynamicCache(config=model.config)
+    return growing_cache(model.config)
 
 
 def forward(model, input_ids: torch.Tensor, cache, **kwargs):

@@ -3,7 +3,7 @@
 After the tree forward the cache holds the committed prefix followed by every tree
 node. The next step must see the prefix, the root and the accepted nodes only, in
 that order, so the accepted nodes' keys/values are moved up behind the root and the
-rest is dropped. Works on transformers' ``DynamicCache`` of full-attention layers
+rest is dropped. Works on transformers' ``DynamicCache`` of full-attention layers (ours grow in place)
 (``cache.layers[i].keys / .values`` of shape (batch, kv_heads, seq, head_dim)).
 """
 
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import torch
 
+from ..core.kvcache import growing_cache
+
 
 def new_tree_cache():
     """A cache whose every layer keeps all positions, so tree nodes can be dropped afterwards.
 
     Sliding-window models are still correct: the window is applied by the attention mask.
+    Layers append in place (``core.kvcache``); the slicing below keeps them in their buffers.
     """
-    from transformers import DynamicCache
-
-    return DynamicCache()
+    return growing_cache()
 
 
 def cache_length(cache) -> int:

@@ -36,6 +36,7 @@ from torch import nn
 from ...core.errors import DataError, ParameterError, TurboLMError, literal
 from ...core.io import atomic_write, load_weights
 from ...core.kernels import linear as fast_linear
+from ...core.kvcache import append_in_place
 from ...core.models import identity_mismatch, model_identity
 
 ARCHS = ("jakiro", "eagle2")
@@ -154,14 +155,14 @@ class KVCache:
     """The draft's key/value cache: (B, kv_heads, S, head_dim) tensors, grown and trimmed in place."""
 
     def __init__(self):
-        self.k = self.v = None
+        self.k = self.v = self._k_buffer = self._v_buffer = None
 
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], 2)
-        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        self.k, self._k_buffer = append_in_place(self.k, self._k_buffer, k)
+        self.v, self._v_buffer = append_in_place(self.v, self._v_buffer, v)
         return self.k, self.v
 
     def truncate(self, length: int) -> None:
