@@ -121,14 +121,47 @@ def test_a_differing_output_is_listed(tiny, questions, tmp_path, monkeypatch):
     report = run_spec_bench(config(questions, tmp_path, methods=["vanilla", "prompt-lookup"]), target=tiny)
     o = report["methods"]["prompt-lookup"]["overall"]
     assert o["differ"] == 3 and [d["question_id"] for d in o["differing"]] == [1, 2, 4]
-    assert o["differing"][0] == {"question_id": 1, "turn": 0, "position": 7}  # the last of 8 tokens
+    first = o["differing"][0]
+    assert {k: first[k] for k in ("question_id", "turn", "position")} == {"question_id": 1, "turn": 0, "position": 7}
+    # how near a tie it was: vanilla's token is the argmax, the altered one is not (float32: no second model)
+    assert first["logit_gap"] > 0 and "logit_gap_float32" not in first
     assert report["lossless"]["ok"] is False
     text = (tmp_path / "report.md").read_text()
     assert "losslessness failure" in text and "rounds differently" not in text  # float32: no excuse
+    assert "logit(vanilla's) - logit(its token): +" in text
     from turbolm.bench.report import markdown
 
     report["machine"]["dtype"] = "bfloat16"
     assert "rounds differently" in markdown(report, [])
+
+
+def test_logit_gap_at_a_difference_in_a_later_turn(tiny):
+    """The gap is measured in the context the method saw: earlier turns' answers, then the common prefix."""
+    import copy
+
+    from turbolm.core.generation import generate
+
+    model, tokenizer = tiny
+    q = bench_spec.Question(1, "writing", tuple(QUESTIONS[0]["turns"]))
+    greedy = bench_spec.SamplingParams()
+    vanilla = {"question_id": 1, "method": "vanilla",
+               **bench_spec.measure(lambda ids, n, s: generate(model, tokenizer, ids, n, s), model, tokenizer, q, 8, greedy)}
+    theirs = vanilla["token_ids"][1]
+    context = bench_spec.context_at(tokenizer, q, vanilla["text"], 1, theirs[:3])
+    assert len(context) == vanilla["prompt_tokens"][1] + 3
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([context])).logits[0, -1]
+    assert int(logits.argmax()) == theirs[3]  # the context vanilla saw: its own next token wins
+    other = int(logits.argsort()[-2])  # the runner-up
+    method = copy.deepcopy(vanilla) | {"method": "x", "first_difference": {"turn": 1, "position": 3}}
+    method["token_ids"][1][3] = other
+    assert bench_spec.logit_gaps([vanilla, method], {1: q}, model, tokenizer, reference=model) == 1
+    d = method["first_difference"]
+    assert d["vanilla_token"] == theirs[3] and d["method_token"] == other
+    assert d["logit_gap"] == d["logit_gap_float32"] == pytest.approx(float(logits[theirs[3]] - logits[other]), abs=1e-3)
+    assert d["logit_gap"] > 0
+    ended = copy.deepcopy(method) | {"first_difference": {"turn": 1, "position": len(theirs)}}  # one output ended
+    assert bench_spec.logit_gaps([vanilla, ended], {1: q}, model, tokenizer) == 0
 
 
 def test_interrupt_still_writes_the_report(tiny, questions, tmp_path):

@@ -517,6 +517,57 @@ def compare_with_vanilla(per_method: dict[str, dict]) -> None:
             rec["first_difference"] = first_difference(rec["token_ids"], per_method["vanilla"]["token_ids"])
 
 
+def context_at(tokenizer, question: Question, answers: Sequence[str], turn: int, prefix: Sequence[int]) -> list[int]:
+    """The token ids a method saw before ``prefix`` of turn ``turn``'s answer, ``answers`` being the earlier turns'."""
+    prompts: list[list[int]] = []
+
+    def respond(ids):
+        prompts.append(ids)
+        return answers[len(prompts) - 1] if len(prompts) <= len(answers) else ""
+
+    run_turns(tokenizer, question.turns[: turn + 1], respond)
+    return list(prompts[turn]) + list(prefix)
+
+
+@torch.inference_mode()
+def logit_gaps(records: list[dict], questions: dict, model, tokenizer, reference=None) -> int:
+    """At every greedy difference from vanilla, how close the choice was: adds ``logit_gap`` to ``first_difference``.
+
+    ``logit_gap`` = logit(vanilla's token) - logit(the method's token) from one forward of the
+    model over the common context (in its own dtype), and ``logit_gap_float32`` the same from
+    ``reference`` (a float32 copy of the target) when given: a near-tie that a different
+    rounding order can break has both close to 0. Returns the number of differences measured.
+    """
+    vanilla = {r["question_id"]: r for r in records if r["method"] == "vanilla"}
+    measured = 0
+    for rec in records:
+        diff, base = rec.get("first_difference"), vanilla.get(rec["question_id"])
+        if not diff or base is None or rec["question_id"] not in questions or "logit_gap" in diff:
+            continue
+        turn, pos = diff["turn"], diff["position"]
+        ours, theirs = rec["token_ids"], base["token_ids"]
+        if turn >= min(len(ours), len(theirs)) or pos >= min(len(ours[turn]), len(theirs[turn])):
+            continue  # one output ended where the other went on: no pair of tokens to compare
+        ids = context_at(tokenizer, questions[rec["question_id"]], base["text"], turn, theirs[turn][:pos])
+        diff.update(vanilla_token=theirs[turn][pos], method_token=ours[turn][pos])
+        for key, m in (("logit_gap", model), ("logit_gap_float32", reference)):
+            if m is not None:
+                logits = m(input_ids=torch.tensor([ids], device=m.device), logits_to_keep=1).logits[0, -1].float()
+                diff[key] = round(float(logits[theirs[turn][pos]] - logits[ours[turn][pos]]), 4)
+        measured += 1
+    return measured
+
+
+def _measure_gaps(records: list[dict], questions: Sequence[Question], model, tokenizer, config: SpecBenchConfig) -> None:
+    """``logit_gaps`` for a run; below float32 also from a float32 copy of the target (loaded for it)."""
+    from ..core.models import load_target
+
+    reference = None
+    if model.dtype != torch.float32:
+        reference = load_target(config.model, dtype="float32", device=config.device)[0]
+    logit_gaps(records, {q.question_id: q for q in questions}, model, tokenizer, reference)
+
+
 def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
                    on_question: Callable[[Question, dict[str, dict]], None] | None = None) -> dict:
     """Run the benchmark and write its files to ``config.out``; return the report.
@@ -615,6 +666,11 @@ def run_spec_bench(config: SpecBenchConfig, target=None, progress: bool = False,
     finally:
         bar.close()
 
+    if sampling.greedy and not interrupted and any(r.get("first_difference") for r in records):
+        try:
+            _measure_gaps(records, selected, model, tokenizer, config)
+        except KeyboardInterrupt:
+            interrupted = True
     report = summarise(records, methods, greedy=sampling.greedy, ours=[m for m in methods if is_ours(m)])
     report.update(
         machine={**describe_machine(), **describe_model(model), "load_average_start": load_at_start, "load_average_end": load_average(),
