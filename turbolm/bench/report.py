@@ -206,7 +206,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         verdict = ("none: every one of turbolm's methods reproduced vanilla's token ids" if loss["ok"]
                    else f"**{loss['ours_differing']} output(s) of turbolm's methods differ from vanilla (a losslessness failure)**")
         lines.append(f"turbolm's methods ({', '.join(ours) or 'none besides vanilla'}): {verdict}.")
-        if not loss["ok"] and report["machine"].get("dtype") in ("bfloat16", "float16"):
+        if not loss["ok"] and report["machine"].get("dtype") in ("bfloat16", "float16", "int8"):
             lines.append(f"Note: in {report['machine']['dtype']} a forward over several tokens rounds differently from "
                          "one over a single token, so near-ties between the top two tokens can break differently "
                          "(transformers' own prompt lookup, where run, shows the same); run the benchmark in float32 "
@@ -214,10 +214,18 @@ def markdown(report: dict, plots: list[str]) -> str:
         for name, v in methods.items():
             for d in v["overall"]["differing"]:
                 note = "" if v["ours"] else _not_ours_note(name, report)
-                lines.append(f"- {name}: question {d['question_id']}, turn {d['turn'] + 1}, first at token {d['position']}{note}")
+                lines.append(f"- {name}: question {d['question_id']}, turn {d['turn'] + 1}, first at token {d['position']}"
+                             f"{_gap_note(d, report['machine'].get('dtype'))}{note}")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _gap_note(d: dict, dtype: str | None) -> str:
+    """How near a tie the differing choice was (``specbench.logit_gaps``), if measured."""
+    gaps = [f"{d[k]:+.3f} in {name}" for k, name in (("logit_gap", dtype), ("logit_gap_float32", "float32"))
+            if d.get(k) is not None]
+    return f" (logit(vanilla's) - logit(its token): {', '.join(gaps)})" if gaps else ""
 
 
 def plot_report(report: dict, out: Path) -> list[str]:

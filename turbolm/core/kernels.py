@@ -12,6 +12,10 @@ The candidates (``benchmarks/cpu_forward.py`` compares them with others):
   what Inductor's CPU freezing pass emits. float32, and bfloat16 where oneDNN has bf16 kernels.
 - ``transposed``: ``x @ W.T`` on a contiguous transposed copy; a candidate for 1 row on
   vocabulary-sized weights (the lm_head, ``TRANSPOSED_MIN_NUMEL`` elements or more).
+- ``int8``: PyTorch's int8 weight-only kernel (``aten._weight_int8pack_mm``) on the int8 values a
+  weight was rounded to by ``core.quantize.quantize_int8`` (``--dtype int8``); a candidate only
+  for a group holding quantised weights, and any other weight runs ``F.linear`` in its place, so
+  it never changes an unquantised weight.
 
 :func:`kernel_table` times them on the model's *own* linear layers: one pass over every distinct
 weight (so weights come from memory, as in a real forward) with a random input of ``rows`` rows,
@@ -79,8 +83,8 @@ MAX_ROWS = BUCKETS[-1]
 TRANSPOSED_MIN_NUMEL = 1 << 22
 #: a fast kernel replaces ``default`` only when it is faster by more than this fraction
 MARGIN = 0.05
-DEFAULT, PACKED, TRANSPOSED = "default", "packed", "transposed"
-KERNELS = (DEFAULT, PACKED, TRANSPOSED)
+DEFAULT, PACKED, TRANSPOSED, INT8 = "default", "packed", "transposed", "int8"
+KERNELS = (DEFAULT, PACKED, TRANSPOSED, INT8)
 GROUPS = ("layers", "lm_head")
 MODES = ("auto", "on", "off")
 REPEATS = 5
@@ -110,11 +114,19 @@ def bf16_supported() -> bool:
         return False
 
 
-def candidates(group: str, rows: int, dtype: torch.dtype) -> tuple[str, ...]:
-    """The kernels timed for ``group`` at ``rows`` rows in ``dtype`` (``default`` first)."""
+def int8_available() -> bool:
+    """Whether this PyTorch build has the int8 weight-only CPU kernel."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def candidates(group: str, rows: int, dtype: torch.dtype, int8: bool = False) -> tuple[str, ...]:
+    """The kernels timed for ``group`` at ``rows`` rows in ``dtype`` (``default`` first); ``int8``:
+    the group's weights are quantised (:func:`int8_groups`)."""
     if not available() or dtype not in (torch.float32, torch.bfloat16):
         return (DEFAULT,)
     out = [DEFAULT]
+    if int8 and int8_available():
+        out.append(INT8)
     if dtype is torch.float32 or bf16_supported():
         out.append(PACKED)
     if group == "lm_head" and rows == 1:
@@ -124,6 +136,14 @@ def candidates(group: str, rows: int, dtype: torch.dtype) -> tuple[str, ...]:
 
 def group_of(weight: torch.Tensor) -> str:
     return "lm_head" if weight.numel() >= TRANSPOSED_MIN_NUMEL else "layers"
+
+
+def int8_groups(groups: dict[str, list]) -> frozenset[str]:
+    """The groups holding weights with an int8 form (``core.quantize``); the group's other weights
+    (an unquantised head of a small model) run ``F.linear`` where the table says ``int8``."""
+    from .quantize import int8_form
+
+    return frozenset(g for g, pairs in groups.items() if any(int8_form(w) is not None for w, _ in pairs))
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -211,7 +231,8 @@ def time_kernels(groups: dict[str, list], dtype: torch.dtype, repeats: int = REP
     longer than ``budget_s / repeats`` (a loaded machine), down to the warm-up round's own timings
     (the packing included: a bias towards ``default``). ``timer``: another way to time a pass (tests)."""
     timer = timer or _pass_timer(groups, dtype)
-    plan = [(g, rows, k) for g in groups for rows in BUCKETS for k in candidates(g, rows, dtype)]
+    quantised = int8_groups(groups)
+    plan = [(g, rows, k) for g in groups for rows in BUCKETS for k in candidates(g, rows, dtype, g in quantised)]
     samples: dict = {key: [] for key in plan}
     with torch.inference_mode():
         start = time.perf_counter()
@@ -271,6 +292,9 @@ def table_key(groups: dict[str, list], dtype: torch.dtype) -> str:
     shapes = sorted({(g, *w.shape) for g, pairs in groups.items() for w, _ in pairs})
     parts = [str(TABLE_VERSION), cpu_model(), str(os.cpu_count()), torch.__version__, str(torch.get_num_threads()),
              str(dtype), repr(shapes)]
+    quantised = int8_groups(groups)
+    if quantised:  # (unquantised models keep the keys they had)
+        parts.append(f"int8:{','.join(sorted(quantised))}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -279,6 +303,7 @@ def _cached_timings(entry: dict, groups: dict, dtype: torch.dtype) -> dict:
     if entry.get("version") != TABLE_VERSION or entry.get("dtype") != str(dtype):
         raise ValueError("another version or dtype")
     stored = entry.get("timings_ms")
+    quantised = int8_groups(groups)
     if not isinstance(stored, dict) or set(stored) != set(groups):
         raise ValueError("timings_ms does not hold this model's groups")
     out = {}
@@ -289,7 +314,7 @@ def _cached_timings(entry: dict, groups: dict, dtype: torch.dtype) -> dict:
         out[g] = {}
         for rows in BUCKETS:
             t = per_bucket.get(str(rows))
-            want = candidates(g, rows, dtype)
+            want = candidates(g, rows, dtype, g in quantised)
             if not isinstance(t, dict) or set(t) != set(want):
                 raise ValueError(f"timings_ms.{g}.{rows} does not hold the kernels {', '.join(want)}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -327,7 +352,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
         dtype = next((pairs[0][0].dtype for pairs in groups.values()), torch.float32)
     groups = {g: [(w, b) for w, b in pairs if w.dtype is dtype] for g, pairs in groups.items()}
     groups = {g: pairs for g, pairs in groups.items() if pairs}
-    if not groups or all(candidates(g, rows, dtype) == (DEFAULT,) for g in groups for rows in BUCKETS):
+    if not groups or all(candidates(g, rows, dtype, True) == (DEFAULT,) for g in groups for rows in BUCKETS):
         return off_table(dtype, "none")
 
     path = cache_root() / TABLES_DIR / f"{table_key(groups, dtype)}.json" if cache else None
@@ -397,6 +422,16 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if kernel == INT8:
+        from .quantize import int8_form
+
+        form = int8_form(weight)
+        if form is None or form[1].dtype is not x.dtype:  # changed since it was quantised: the weight as it is
+            return F.linear(x, weight, bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), *form)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], weight.shape[0])
     if kernel == TRANSPOSED:
         y = torch.mm(x.reshape(-1, x.shape[-1]), _derived(weight, TRANSPOSED))
         if bias is not None:

@@ -115,7 +115,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise TurboLMError(f"unsupported dtype '{dtype}'; use float32, bfloat16 or float16") from None
+        raise TurboLMError(f"unsupported dtype '{dtype}'; use float32, bfloat16, float16 or int8") from None
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
@@ -433,18 +433,24 @@ def load_target(
     """Load a causal LM and its tokenizer, ready for inference.
 
     ``source``: None (the default SmolLM2-135M-Instruct), a local Hugging Face model
-    directory, or a local ``.gguf`` file. Returns ``(model, tokenizer)``; the model is in
+    directory, or a local ``.gguf`` file. ``dtype``: float32, bfloat16, float16, or int8 (bfloat16
+    with the decoder's linear weights rounded to int8, ``core.quantize``). Returns ``(model, tokenizer)``; the model is in
     eval mode on ``device`` with ``model.turbolm_source`` set to the resolved source.
     No code from a model folder is ever run, and weights are read only from safetensors files.
     """
     src = resolve_source(source)
-    torch_dtype = parse_dtype(dtype)
+    quantize = isinstance(dtype, str) and dtype.lower() == "int8"
+    torch_dtype = parse_dtype("bfloat16" if quantize else dtype)
     dev = parse_device(device)
     if src.kind == "hf":
         model, tokenizer = _load_dir(src.path, torch_dtype, attn_implementation)
     else:
         model, tokenizer = _load_gguf(src.path, torch_dtype, attn_implementation)
     model.to(dev).eval()
+    if quantize:
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
     model.turbolm_source = src
     return model, tokenizer
 
@@ -504,11 +510,12 @@ def describe_model(model) -> dict:
     """The model's name, dtype and device, and whether the fast CPU kernels are on (with
     ``machine.describe_machine()``: what a speed number was measured on)."""
     from .kernels import is_optimized
+    from .quantize import quantization
 
     source = getattr(model, "turbolm_source", None)
     info = {
         "model": str(source.name) if source is not None else type(model).__name__,
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": quantization(model) or str(model.dtype).replace("torch.", ""),
         "device": str(model.device),
         "fast_cpu": is_optimized(model),
     }

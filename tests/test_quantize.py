@@ -1,0 +1,141 @@
+"""int8 weight-only quantisation (``--dtype int8``, turbolm.core.quantize): the weights land on the
+int8 grid with the head and embeddings untouched, the model stays close to the unquantised one, the
+int8 kernel computes the same product as F.linear on the dequantised weights, it is a kernel-table
+candidate only for quantised weights, and a weight changed afterwards never runs a stale int8 copy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model_dir, random_ids
+from turbolm import load_target
+from turbolm.cli import main
+from turbolm.core import kernels
+from turbolm.core.errors import ParameterError
+from turbolm.core.kernels import INT8, PACKED, candidates, kernel_table, table_key, table_of
+from turbolm.core.models import describe_model
+from turbolm.core.quantize import int8_form, quantizable, quantization, quantize_int8
+
+needs_int8 = pytest.mark.skipif(not (kernels.available() and kernels.int8_available()),
+                                reason="this PyTorch build has no oneDNN / int8 weight-only kernel")
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """A tiny Llama whose lm_head shares the input embedding (as SmolLM2's does)."""
+    return make_model_dir(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True, seed=3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_on_the_int8_grid_head_and_embeddings_untouched(tied_dir, dtype):
+    model, _ = load_target(tied_dir, dtype=dtype)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layers = quantizable(model)
+    assert quantize_int8(model) is model and quantization(model) == "int8"
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per layer; not the (tied) lm_head
+    names = {id(p): n for n, p in model.named_parameters()}
+    changed = set()
+    for m in layers:
+        q, s = int8_form(m.weight)
+        assert q.dtype is torch.int8 and q.abs().max() == 127 and s.dtype is m.weight.dtype
+        assert (q.abs().amax(1) == 127).all()  # every row uses the full range: one scale per output channel
+        exact = q.float() * s.float()[:, None]
+        assert torch.allclose(m.weight.float(), exact, rtol=2**-7, atol=0)  # the dequantised values
+        changed.add(names[id(m.weight)])
+    for name, p in model.named_parameters():
+        if name not in changed:  # embeddings (and the tied head), norms
+            assert torch.equal(p, before[name]), name
+    err = max(((before[n].float() - p.float()).abs().max() / before[n].float().abs().max()).item()
+              for n, p in model.named_parameters() if n in changed)
+    assert 0 < err <= 1 / 254 + 2**-7  # half a step of 1/127 of the row maximum (+ the dtype's rounding)
+    assert quantize_int8(model) is model  # idempotent: not rounded twice
+    assert int8_form(layers[0].weight) is not None
+
+
+def test_close_to_the_unquantised_model(tiny_dir):
+    model, _ = load_target(tiny_dir)
+    ids = random_ids(32)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        quantize_int8(model)
+        out = model(ids).logits
+    assert not torch.equal(out, ref)
+    assert (out - ref).abs().mean() < 0.05 * ref.std()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_model_without_linear_layers_is_refused():
+    with pytest.raises(ParameterError, match="model has no linear layers"):
+        quantize_int8(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_int8_kernel_computes_the_dequantised_product(rows):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40).to(torch.bfloat16).requires_grad_(False)
+    model = torch.nn.Sequential(layer)
+    model.get_output_embeddings = lambda: None
+    quantize_int8(model)
+    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ours = kernels._run(INT8, x, layer.weight, layer.bias)
+        ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert ours.shape == (2, rows, 40) and ours.dtype is torch.bfloat16
+    assert torch.allclose(ours.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed after quantising: its int8 copy is stale and never used
+    assert int8_form(layer.weight) is None
+    with torch.inference_mode():
+        assert torch.equal(kernels._run(INT8, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_int8
+def test_int8_is_a_candidate_only_for_quantised_weights(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    assert INT8 not in candidates("layers", 1, torch.bfloat16)
+    assert INT8 in candidates("layers", 1, torch.bfloat16, int8=True)
+    plain, _ = load_target(tiny_dir, dtype="bfloat16")
+    model, _ = load_target(tiny_dir, dtype="int8")
+    assert model.dtype is torch.bfloat16 and quantization(model) == "int8" and describe_model(model)["dtype"] == "int8"
+    groups_plain, groups_int8 = kernels.linear_weights(plain), kernels.linear_weights(model)
+    assert kernels.int8_groups(groups_plain) == frozenset()
+    assert kernels.int8_groups(groups_int8) == frozenset({"layers"})  # (the tiny lm_head is in it too, unquantised)
+    assert table_key(groups_plain, torch.bfloat16) != table_key(groups_int8, torch.bfloat16)
+
+    seen = []
+
+    def timer(group, rows, kernel):  # int8 fastest up to 4 rows, packed above
+        seen.append((group, kernel))
+        return {INT8: 0.3 if rows <= 4 else 2.0, PACKED: 0.5}.get(kernel, 1.0)
+
+    table = kernel_table(model, timer=timer, repeats=1)
+    assert table.kernels["layers"][:4] == (INT8, INT8, INT8, PACKED)
+    assert ("layers", INT8) in seen and all(k != INT8 for g, k in seen if g != "layers")
+    assert kernel_table(model, timer=timer).source == "cached"  # its own cache entry round-trips
+    assert INT8 not in kernel_table(plain, timer=timer, repeats=1).kernels["layers"]
+
+    kernels.optimize_for_small_batches(model, table=table)
+    assert table_of(model) is table
+    ids = random_ids(12)
+    with torch.inference_mode():
+        for n in (1, 3, 12):  # int8 (1, 3 rows) and packed (12) against plain F.linear on the same weights
+            fast = model(ids[:, :n]).logits.float()
+            kernels.restore(model)
+            ref = model(ids[:, :n]).logits.float()
+            kernels.optimize_for_small_batches(model, table=table)
+            assert torch.allclose(fast, ref, atol=0.05 * ref.abs().max().item()), n
+    kernels.restore(model)
+    assert all(type(m) is torch.nn.Linear for m in quantizable(model))
+
+
+def test_generate_cli_with_int8(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--dtype", "int8", "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--fast-cpu", "off"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_an_unknown_dtype_names_the_choices(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--dtype", "int4", "--prompt", "Hi"]) == 2
+    assert "float32, bfloat16, float16 or int8" in capsys.readouterr().err
+
