@@ -1,4 +1,4 @@
-"""``turbolm draft prepare | train | calibrate``: the data, training and acceptance statistics of
+"""``turbolm draft prepare | train | calibrate | export``: the data, training and acceptance statistics of
 a feature-level draft (Jakiro or EAGLE-2) for a target."""
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def register(sub) -> None:
     add_model_args(c, flag="--target", fast_cpu=False)
     c.set_defaults(run=cmd_calibrate, flags={"model": "--target"})
 
+    e = steps.add_parser("export", help="write an EAGLE-2 draft in the layout vLLM (speculative method eagle) and "
+                                        "SGLang (--speculative-algorithm EAGLE) load, checked against transformers' "
+                                        "own Llama layer")
+    e.add_argument("--draft", required=True, help="EAGLE-2 draft checkpoint directory (from `turbolm draft train`)")
+    e.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    e.add_argument("--overwrite", action="store_true", help="replace the files in a non-empty --out")
+    e.add_argument("--weights-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="precision of the written weights (default: float32)")
+    add_model_args(e, flag="--target", fast_cpu=False)
+    e.set_defaults(run=cmd_export, flags={"model": "--target", "draft": "--draft", "out": "--out"})
+
     t = steps.add_parser("train", help="train a Jakiro or EAGLE-2 draft on prepared features (accelerate: "
                                        "`accelerate launch -m turbolm.cli draft train ...` scales it out)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -58,6 +69,7 @@ _TRAIN_HELP = {
     "draft_vocab_size": "restrict the draft to the N most frequent answer tokens (0 = the full vocabulary)",
     "max_steps": "stop after this many steps in this invocation (resume later with --resume)",
     "target": "the target the features came from (default: the embedded SmolLM2-135M-Instruct)",
+    "fc_bias": "a bias in the draft's fc layer; --no-fc-bias for EAGLE-2 drafts meant for vLLM, which drops it",
     "eval_every": "held-out evaluation every N steps (0 = after each epoch)",
     "clip_mode": "gradient clipping: norm (clip the global norm to --grad-clip) | value (each value to +-grad-clip, the reference's)",
     "init": "random | target: start the draft's attention (and FFN where shapes allow) from the target's last layer",
@@ -79,6 +91,9 @@ def _add_train_config_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, required=True, help=_TRAIN_HELP.get(f.name))
         elif f.name == "betas":
             p.add_argument(flag, type=float, nargs=2, default=list(f.default), help="AdamW betas")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=(_TRAIN_HELP.get(f.name, "") + f" (default: {f.default})").strip())
         else:
             kind = str if f.default is None else type(f.default)
             p.add_argument(flag, type=kind, default=f.default, help=(_TRAIN_HELP.get(f.name, "") + f" (default: {f.default})").strip())
@@ -126,6 +141,38 @@ def cmd_train(args) -> int:
               f"log {args.out}/train_log.jsonl, curve {args.out}/loss.png")
     else:
         print(f"{args.out}: stopped at step {result['step']}; continue with --resume")
+    return 0
+
+
+CHECK_TEXT = ("Speculative decoding drafts several tokens with a small model and checks them with the large one in "
+              "a single forward pass. When the draft is right, several tokens are produced for the price of one.")
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from ..core.chat import encode_chat
+    from ..core.models import load_target
+    from ..speculative.draft.export import check_export, export_eagle
+    from ..speculative.draft.model import load_draft
+
+    model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
+    draft = load_draft(args.draft, model)
+    out = export_eagle(draft, model, args.out, overwrite=args.overwrite, dtype=getattr(torch, args.weights_dtype))
+    ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": CHECK_TEXT}])])
+    check = check_export(out, draft, model, ids)
+    print(f"{out}: EAGLE layout (config.json, model.safetensors); checked on {check['tokens']} positions against "
+          f"transformers' LlamaDecoderLayer: max feature difference {check['max_feature_diff']:.2e}, top-1 agreement "
+          f"{check['top1_agreement']:.1%}")
+    if "top1_agreement_without_fc_bias" in check:
+        print(f"note: this draft has an fc bias (max |b| {check['fc_bias_max_abs']:.3f}); SGLang uses it, vLLM drops it "
+              f"(top-1 agreement without it: {check['top1_agreement_without_fc_bias']:.1%}); train with --no-fc-bias "
+              "for a draft vLLM runs exactly")
+    print(f"vLLM:   LLM(model=TARGET, speculative_config={{\"method\": \"eagle\", \"model\": \"{out}\", "
+          f"\"num_speculative_tokens\": 5}})")
+    print(f"SGLang: python -m sglang.launch_server --model-path TARGET --speculative-algorithm EAGLE "
+          f"--speculative-draft-model-path {out} --speculative-num-steps 5 --speculative-eagle-topk 8 "
+          "--speculative-num-draft-tokens 32")
     return 0
 
 

@@ -60,6 +60,7 @@ class DraftConfig:
     rope_theta: float = 10000.0
     draft_vocab_size: int = 0  # 0: the target's full vocabulary
     contrastive_pairing: str = "ranked"  # absent from the first checkpoints' configs, which were "ranked"
+    fc_bias: bool = True  # False: fc without a bias, as vLLM's EAGLE layout has it (draft/export.py)
     target: dict = field(default_factory=dict)  # model_identity() of the target it was trained for
 
     def __post_init__(self):
@@ -75,6 +76,8 @@ class DraftConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise TurboLMError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                                f"num_key_value_heads ({self.num_key_value_heads})")
+        if not isinstance(self.fc_bias, bool):
+            raise TurboLMError(f"fc_bias must be true or false, got {self.fc_bias!r}")
         if not isinstance(self.target, dict):
             raise TurboLMError(f"target must be an object (the target model's identity), got {self.target!r}")
         if self.arch not in ARCHS:
@@ -185,7 +188,7 @@ class DraftModel(nn.Module):
         super().__init__()
         self.config = c = config
         H = c.hidden_size
-        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.fc = nn.Linear(2 * H, H, bias=c.fc_bias)
         self.q_proj = nn.Linear(H, c.num_attention_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)

@@ -51,6 +51,7 @@ class TrainConfig:
     init: str = "random"  # random | target (the target's last decoder layer) | a draft checkpoint directory
     contrastive_pairing: str = "expert"  # expert (the reference) | ranked (the first shipped drafts)
     ttt_steps: int = 1  # training-time test: unroll the draft on its own features for this many steps
+    fc_bias: bool = True  # False: no fc bias, so vLLM (which drops it) runs an exported EAGLE-2 draft exactly
     warmup_steps: int = 50
     w_v: float = 1.0
     w_p: float = 0.1
@@ -356,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     embed, head = embed.to(accelerator.device), head.to(accelerator.device)
     dconf = DraftConfig.for_target(
         target, arch=cfg.arch, candidate_mode=cfg.candidate_mode, num_experts=cfg.num_experts,
-        draft_vocab_size=cfg.draft_vocab_size, contrastive_pairing=cfg.contrastive_pairing,
+        draft_vocab_size=cfg.draft_vocab_size, contrastive_pairing=cfg.contrastive_pairing, fc_bias=cfg.fc_bias,
     )
     torch.manual_seed(cfg.seed)
     draft = DraftModel(dconf)
@@ -369,7 +370,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             raise ParameterError(f"the draft in {cfg.init} is a {start.config.arch} with {start.config.num_experts} experts "
                                  f"and a {start.config.draft_vocab_size}-token vocabulary; train with the same "
                                  f"{{}}, {{}} and {{}}", "arch", "num_experts", "draft_vocab_size")
-        draft.load_state_dict(start.state_dict())
+        state = start.state_dict()
+        if not dconf.fc_bias:  # continuing without the bias: the draft starts a little off and adapts
+            state.pop("fc.bias", None)
+        elif "fc.bias" not in state:
+            state["fc.bias"] = torch.zeros_like(draft.fc.bias)
+        draft.load_state_dict(state)
     if cfg.draft_vocab_size and not resume and cfg.init in ("random", "target"):
         draft.draft_vocab.copy_(draft_vocabulary(dataset, cfg.draft_vocab_size, n - cfg.eval_samples))
     decay = [p for name, p in draft.named_parameters() if p.dim() >= 2]
