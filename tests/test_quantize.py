@@ -139,3 +139,13 @@ def test_an_unknown_dtype_names_the_choices(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--dtype", "int4", "--prompt", "Hi"]) == 2
     assert "float32, bfloat16, float16 or int8" in capsys.readouterr().err
 
+
+
+def test_bytes_per_token_counts_int8_weights_once_each(tiny_dir):
+    from turbolm.core.machine import bytes_per_token
+
+    plain, _ = load_target(tiny_dir, dtype="bfloat16")
+    model, _ = load_target(tiny_dir, dtype="int8")
+    layers = quantizable(model)
+    saved = sum(m.weight.numel() - m.weight.shape[0] * 2 for m in layers)  # 2 bytes -> 1, plus a bf16 scale per row
+    assert bytes_per_token(model) == bytes_per_token(plain) - saved
