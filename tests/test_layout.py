@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "turbolm"
-LAYERS = {"core": 0, "speculative": 1, "pruning": 1, "bench": 2, "evaluation": 2, "commands": 3, "cli": 3,
+LAYERS = {"core": 0, "speculative": 1, "pruning": 1, "bench": 2, "evaluation": 2, "serving": 2, "commands": 3, "cli": 3,
           "__main__": 3}
 
 

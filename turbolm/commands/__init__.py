@@ -2,7 +2,7 @@
 ``register(sub)`` adds its parser and sets ``run`` (the function to call) and ``flags`` (library
 parameter names this command spells otherwise); ``turbolm.cli`` dispatches."""
 
-from . import bench, demo, draft, eval, generate, info, prune
+from . import bench, demo, draft, eval, generate, info, prune, serve
 
 #: in the order ``turbolm --help`` lists them
-MODULES = (generate, info, demo, draft, bench, prune, eval)
+MODULES = (generate, serve, info, demo, draft, bench, prune, eval)
