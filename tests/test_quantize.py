@@ -3,6 +3,8 @@ int8 grid with the head and embeddings untouched, the model stays close to the u
 int8 kernel computes the same product as F.linear on the dequantised weights, it is a kernel-table
 candidate only for quantised weights, and a weight changed afterwards never runs a stale int8 copy."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,15 @@ def test_bytes_per_token_counts_int8_weights_once_each(tiny_dir):
     layers = quantizable(model)
     saved = sum(m.weight.numel() - m.weight.shape[0] * 2 for m in layers)  # 2 bytes -> 1, plus a bf16 scale per row
     assert bytes_per_token(model) == bytes_per_token(plain) - saved
+
+
+@needs_int8
+def test_info_shows_int8(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    small = ["--model", str(tiny_dir), "--dtype", "int8", "--probe-mb", "2", "--decode-tokens", "0"]
+    assert main(["info", *small, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["dtype"] == "int8" and info["kernels"]["dtype"] == "bfloat16"
+    assert "int8" in info["kernels"]["timings_ms"]["layers"]["1"]
+    assert main(["info", *small]) == 0
+    assert "layers: int8, ms" in capsys.readouterr().out

@@ -25,6 +25,7 @@ def run(args) -> int:
     from ..core.io import cache_root
     from ..core.kernels import kernel_table, table_of
     from ..core.machine import PROBE_MB, decoding_bound, describe_machine, memory_bandwidth, time_greedy_decode
+    from ..core.models import describe_model
 
     probe_mb = PROBE_MB if args.probe_mb is None else args.probe_mb
     if probe_mb < 1:
@@ -43,7 +44,7 @@ def run(args) -> int:
         "layers": getattr(model.config, "num_hidden_layers", None),
         "vocab_size": getattr(model.config, "vocab_size", None),
         "context_length": context_length(model, tokenizer),
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": describe_model(model)["dtype"],
         "device": str(model.device),
     }
     table = table_of(model)  # the table --fast-cpu applied; with off, the one auto would apply
@@ -71,13 +72,15 @@ def run(args) -> int:
 
 def _kernel_lines(k: dict) -> str:
     """The kernel table as rows (layer groups) by row counts."""
+    from ..core.kernels import KERNELS
+
     head = f"kernels:          {k['dtype']}, {k['source']} (--fast-cpu {k['fast_cpu']})"
     width = 24
     lines = [head, "  " + "rows".ljust(width) + "".join(f"{r:>11}" for r in k["rows"])]
     for group, row in k["kernels"].items():
         lines.append("  " + f"{group}: chosen".ljust(width) + "".join(f"{name:>11}" for name in row))
     for group, per in k["timings_ms"].items():
-        for kernel in ("default", "packed", "transposed"):
+        for kernel in KERNELS:
             cells = [per.get(str(r), {}).get(kernel) for r in k["rows"]]
             if any(c is not None for c in cells):
                 label = f"{group}: {kernel}, ms".ljust(width)
