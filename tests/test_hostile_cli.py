@@ -80,8 +80,11 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tiny_dir):
 
 def test_ctrl_c_while_the_command_starts(tmp_path):
     """SIGINT during the imports (while torch loads): 'interrupted', status 130, no traceback."""
+    # A shell's background job inherits SIGINT ignored, and Python then installs no handler: give the
+    # child the default disposition, as a terminal's foreground command has.
     p = subprocess.Popen([sys.executable, "-m", "turbolm", "generate", "--prompt", "hi"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path)
+                         stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{p.pid}/maps")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:  # until torch's library is being loaded:
