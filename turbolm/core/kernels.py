@@ -74,6 +74,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import ParameterError
 from .machine import BUSY_CPUS
 from .patches import ModelPatch, active, find
+from .quantize import int8_form
 
 #: rows per forward the table distinguishes; a forward over r rows takes the smallest bucket >= r
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -141,8 +142,6 @@ def group_of(weight: torch.Tensor) -> str:
 def int8_groups(groups: dict[str, list]) -> frozenset[str]:
     """The groups holding weights with an int8 form (``core.quantize``); the group's other weights
     (an unquantised head of a small model) run ``F.linear`` where the table says ``int8``."""
-    from .quantize import int8_form
-
     return frozenset(g for g, pairs in groups.items() if any(int8_form(w) is not None for w, _ in pairs))
 
 
@@ -423,8 +422,6 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if kernel == INT8:
-        from .quantize import int8_form
-
         form = int8_form(weight)
         if form is None or form[1].dtype is not x.dtype:  # changed since it was quantised: the weight as it is
             return F.linear(x, weight, bias)
