@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from turbolm.bench.specbench import load_questions, select_questions  # noqa: E402
+from turbolm.bench.specbench import first_difference, load_questions, select_questions  # noqa: E402
 from turbolm.core.chat import encode_chat  # noqa: E402
 from turbolm.core.generation import SamplingParams, generate  # noqa: E402
 from turbolm.core.kernels import apply_fast_cpu, table_of  # noqa: E402
@@ -30,7 +30,9 @@ from turbolm.core.models import load_target  # noqa: E402
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """Tokens two answers share before they part (the shorter's length if one is a prefix of the other)."""
+    d = first_difference([a], [b])
+    return min(len(a), len(b)) if d is None else d["position"]
 
 
 def main() -> None:
