@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 
 from ..core.errors import ParameterError, TurboLMError
 from .common import add_model_args, add_sampling_args, load_model, read_prompt, sampling, utf8_text, write_out
@@ -83,6 +84,11 @@ def register(sub) -> None:
     add_model_args(g)
     add_sampling_args(g)
     add_speculative_args(g)
+    g.add_argument("--pruner", default=None,
+                   help="FTP pruner checkpoint (e.g. turbolm/checkpoints/ftp-smollm2-135m-s30): the prompt is prefilled "
+                        "with token skipping (skipped tokens still give keys/values), then the answer is decoded by the "
+                        "dense model with --speculative's method; the output is exactly what vanilla decoding writes "
+                        "after the same pruned prefill (not the unpruned model's)")
     g.set_defaults(run=run, flags=FLAGS)
 
 
@@ -99,17 +105,27 @@ def run(args) -> int:
     spec = decoder_spec(args)
     model, tokenizer = load_model(args)
     ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
-    decoder = build(model, tokenizer, spec)
-    result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=params, stop=args.stop,
-                              on_text=None if args.json else write_out)
+    decoder = build(model, tokenizer, spec)  # before the pruner: --tree auto times the dense target
+    pruned = None
+    if args.pruner:
+        from ..pruning import PrunerSpec, build_pruned
+
+        pruned = build_pruned(model, tokenizer, PrunerSpec(checkpoint=args.pruner, prefill_only=True))
+    with pruned or nullcontext():
+        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=params, stop=args.stop,
+                                  on_text=None if args.json else write_out)
     if args.json:
         d = result.to_dict()
         d.update(model=str(model.turbolm_source.name), method=args.speculative)
+        if pruned is not None:
+            d.update(pruner=args.pruner, prefill_sparsity=round(pruned.stats.prefill_sparsity, 4))
         print(json.dumps(d))
     else:
         print()
         line = f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s"
         if args.speculative != "none":
             line += f", tau {result.tau:.2f}"
+        if pruned is not None:
+            line += f", prompt token sparsity {pruned.stats.prefill_sparsity:.1%}"
         print(f"{line}, finish: {result.finish_reason}]", file=sys.stderr)
     return 0

@@ -75,7 +75,7 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 @functools.cache
-def _cache_kwarg(model_cls) -> str:
+def cache_kwarg(model_cls) -> str:
     # transformers renamed `past_key_values` to `cache` after 5.17; accept both.
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
@@ -89,7 +89,7 @@ def new_cache(model):
 
 def forward(model, input_ids: torch.Tensor, cache, **kwargs):
     """One target forward that reads and extends ``cache`` in place (any transformers >= 5.17)."""
-    return model(input_ids=input_ids, use_cache=True, **{_cache_kwarg(type(model)): cache}, **kwargs)
+    return model(input_ids=input_ids, use_cache=True, **{cache_kwarg(type(model)): cache}, **kwargs)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

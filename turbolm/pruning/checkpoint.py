@@ -116,10 +116,11 @@ def _short(value) -> str:
 
 
 def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, seed: int = 0,
-                dense_kv: bool | None = None) -> TokenPruner:
+                dense_kv: bool | None = None, prefill_only: bool = False) -> TokenPruner:
     """A TokenPruner (not attached) for ``model`` from a checkpoint directory.
 
-    ``router`` overrides the stored router kind (e.g. ``static`` with a learned pruner's schedule).
+    ``router`` overrides the stored router kind (e.g. ``static`` with a learned pruner's schedule);
+    ``dense_kv`` the stored K/V semantics; ``prefill_only``: see :class:`TokenPruner`.
     """
     path = Path(path)
     cfg = read_pruner_config(path)
@@ -146,4 +147,4 @@ def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, se
     else:
         r = make_router(kind, seed=seed)
     return TokenPruner(model, r, cfg["schedule"], dense_kv=cfg["dense_kv"] if dense_kv is None else dense_kv,
-                       attention_queries=cfg.get("attention_queries", 8))
+                       prefill_only=prefill_only, attention_queries=cfg.get("attention_queries", 8))

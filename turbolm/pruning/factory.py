@@ -29,7 +29,9 @@ class PrunerSpec:
     another router kind on its schedule, ``dense_kv`` overrides its K/V semantics), static or
     random (token routers without training on ``schedule`` (a search or pruner file) or a uniform
     ``sparsity``), shortgpt or blockpruner (layers / blocks removed to ``sparsity``, chosen on
-    ``calibration_data``, Alpaca or ShareGPT rows; cached per model)."""
+    ``calibration_data``, Alpaca or ShareGPT rows; cached per model). ``prefill_only`` (token
+    routers): only the prompt skips tokens (with dense K/V); everything decoded after it runs the
+    dense model, so any decoding method - vanilla or speculative - can follow a pruned prefill."""
 
     method: str = "ftp"
     checkpoint: str | None = None
@@ -37,6 +39,7 @@ class PrunerSpec:
     sparsity: float | None = None
     schedule: str | None = None
     dense_kv: bool = False
+    prefill_only: bool = False
     calibration_data: str | None = None
     seed: int = 0
 
@@ -56,6 +59,8 @@ class PrunerSpec:
                                  "schedule")
         if self.method in ("shortgpt", "blockpruner") and (self.sparsity is None or not 0 < self.sparsity < 1):
             raise ParameterError(f"{{}} {self.method} needs {{}} S in (0, 1)", "method", "sparsity")
+        if self.prefill_only and self.method in ("shortgpt", "blockpruner"):
+            raise ParameterError(f"{{}} is for token routers; {self.method} removes layers for every token", "prefill_only")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ParameterError(f"{{}} must be in [0, 1), got {self.sparsity}", "sparsity")
         return self
@@ -119,7 +124,7 @@ def build_pruned(model, tokenizer, spec: PrunerSpec) -> PrunedModel:
     spec.check()
     if spec.method == "ftp":
         p = load_pruner(spec.checkpoint, model, router=spec.router, seed=spec.seed,
-                        dense_kv=True if spec.dense_kv else None)
+                        dense_kv=True if spec.dense_kv else None, prefill_only=spec.prefill_only)
         label = {"learned": "FTP (learned)", "static": "FTP (static)", "random": "random", "mod": "MoD-style router"}
         return PrunedModel(f"FTP {p.router.kind} router ({Path(spec.checkpoint).name})", p, True,
                            label.get(p.router.kind, p.router.kind), sum(p.schedule) / len(p.schedule))
@@ -128,7 +133,8 @@ def build_pruned(model, tokenizer, spec: PrunerSpec) -> PrunedModel:
         sched = read_schedule(spec.schedule) if spec.schedule else [spec.sparsity] * n
         what = f"schedule {Path(spec.schedule).name}" if spec.schedule else f"uniform {spec.sparsity:.0%}"
         label = "FTP (static)" if spec.method == "static" and spec.schedule else f"{spec.method} router"
-        pruner = TokenPruner(model, make_router(spec.method, seed=spec.seed), sched, dense_kv=spec.dense_kv)
+        pruner = TokenPruner(model, make_router(spec.method, seed=spec.seed), sched, dense_kv=spec.dense_kv,
+                             prefill_only=spec.prefill_only)
         return PrunedModel(f"{spec.method} router, {what}", pruner, True, label, sum(sched) / len(sched))
     chunks = calibration_chunks(tokenizer, spec.calibration_data)
     if spec.method == "shortgpt":

@@ -7,9 +7,20 @@ unmodified layer with their original rotary positions and a causal mask among th
 hidden state (residual pass-through). So a block costs what its kept tokens cost.
 
 - The first token of a sequence (the attention sink) is always kept.
-- ``dense_kv=True`` (ablation): skipped tokens still provide keys/values - the block runs on
-  every token and the skipped ones are reset to their input, which is exactly "kept queries
-  attend to all keys"; it saves no time.
+- ``dense_kv=True``: skipped tokens still provide keys/values - what running the block on every
+  token and resetting the skipped ones to their input gives ("kept queries attend to all
+  keys"). It costs little more than the default: a skipped token's keys/values come from its
+  input to the block (its norm and k/v projections only), are written to the cache first, and
+  the block then runs the kept tokens, attending to every key at an earlier position; the new
+  cache entries are put back in position order, so every block's cache holds every token.
+- ``prefill_only=True``: only a forward that starts a sequence (the prompt, into an empty KV
+  cache) skips tokens; every later forward - one new token, or a speculative tree - runs the
+  dense model on that cache. So any decoding method (vanilla, speculative) runs unchanged after
+  a pruned prefill, and its output is exactly vanilla decoding's after the same pruned prefill.
+  To give every block's cache one entry per position, a skipped token leaves its keys/values
+  (``dense_kv``) or, by default, a placeholder that every later query is masked from - so the
+  default semantics are kept exactly: the later forwards compute what the pruned model's own
+  decoding computes when a new token runs every block.
 - Decoding (one new token): the newest token runs block ``l`` when the router's
   ``keep_decode`` says so (learned router: sigmoid(score) >= threshold), otherwise it skips
   it and leaves no keys/values there. Each block's KV cache therefore holds only the tokens
@@ -36,6 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import TurboLMError
+from ..core.generation import cache_kwarg
+from ..core.kvcache import growing_cache
 from ..core.patches import ModelPatch
 from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
 
@@ -100,15 +113,18 @@ class _Sequence:
         self.length = 0
         self.attention = torch.empty(batch, 0, device=device)
         self.key_positions: list[torch.Tensor | None] = [None] * num_layers
+        # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None
+        self.holes: list[torch.Tensor | None] = [None] * num_layers
 
 
 @dataclass
 class _Forward:
     sequence: _Sequence
     positions: torch.Tensor  # (B, T) true positions of this forward's tokens
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
     decode: bool
+    dense: bool = False  # prefill_only, after the prompt: every block runs the unmodified layer
 
 
 class TokenPruner(ModelPatch):
@@ -126,8 +142,8 @@ class TokenPruner(ModelPatch):
 
     patches = frozenset({"decoder_layers"})
 
-    def __init__(self, model, router, schedule, *, dense_kv: bool = False, attention_queries: int = 8,
-                 train_records: bool = False, track_attention: bool | None = None):
+    def __init__(self, model, router, schedule, *, dense_kv: bool = False, prefill_only: bool = False,
+                 attention_queries: int = 8, train_records: bool = False, track_attention: bool | None = None):
         super().__init__(model)
         self.layers = decoder_layers(model)
         if len(schedule) != len(self.layers):
@@ -142,6 +158,7 @@ class TokenPruner(ModelPatch):
         self.attn_impl = impl
         self.router = router
         self.schedule = [float(s) for s in schedule]
+        self.prefill_only = prefill_only
         self.dense_kv = dense_kv
         self.attention_queries = attention_queries
         # The attention factor costs a little per block; routers that ignore it skip it.
@@ -194,6 +211,8 @@ class TokenPruner(ModelPatch):
         B, T, _ = hidden.shape
         cache = cache_of(kwargs)
         seq = self._sequences.get(cache) if cache is not None else None
+        if self.prefill_only and cache is not None and (seq is not None or cache.get_seq_length() > 0):
+            return _Forward(seq, None, None, None, decode=False, dense=True)
         if seq is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise TurboLMError("this KV cache was filled without the token pruner; prefill with the pruner attached")
@@ -220,7 +239,9 @@ class TokenPruner(ModelPatch):
             self._forward = self._begin(hidden, kwargs)
         fw = self._forward
         try:
-            if self.training_mode:
+            if fw.dense:
+                out = self._dense_block(idx, orig, hidden, args, kwargs, fw)
+            elif self.training_mode:
                 out = self._train_block(idx, orig, hidden, args, kwargs, fw)
             elif fw.decode:
                 out = self._decode_block(idx, orig, hidden, args, kwargs, fw)
@@ -229,7 +250,8 @@ class TokenPruner(ModelPatch):
         finally:
             self._captured.clear()
             if idx == len(self.layers) - 1:
-                fw.sequence.length += hidden.shape[1]
+                if not fw.dense:
+                    fw.sequence.length += hidden.shape[1]
                 self._forward = None
         return out
 
@@ -256,17 +278,21 @@ class TokenPruner(ModelPatch):
         scores[fw.positions == 0] = float("inf")
         return scores.topk(n_keep, dim=1).indices.sort(dim=1).values
 
-    def _call(self, orig, hidden, args, kwargs, positions, cos, sin, mask, cache):
+    def _call(self, orig, hidden, args, kwargs, positions, cos, sin, mask, cache, idx=None):
+        """The wrapped layer on ``hidden`` at ``positions``; ``cache``: the model's, None (no
+        cache), or a block-local one (block ``idx``)."""
         kw = dict(kwargs)
         kw["attention_mask"] = mask
         kw["position_ids"] = positions
         kw["position_embeddings"] = (cos, sin)
         if "cache_position" in kw:
             kw["cache_position"] = positions[0]
-        if cache is None:
+        if cache is None or cache is not cache_of(kwargs):
             kw.pop("cache", None)
             kw.pop("past_key_values", None)
             kw["use_cache"] = False
+        if cache is not None and cache is not cache_of(kwargs):
+            kw[cache_kwarg(type(self.layers[idx]))] = cache
         return orig(hidden, *args, **kw)
 
     def _mask(self, n_query: int, n_past: int, dtype, device, batch: int, allowed: torch.Tensor | None = None):
@@ -292,31 +318,117 @@ class TokenPruner(ModelPatch):
         else:
             keep_idx = self._keep_indices(self._scores(idx, fw, hidden), T - n_skip, fw)
         self.stats.add(idx, B * T, B * n_skip, decode=False)
-        if keep_idx is None or self.dense_kv:
+        if keep_idx is None:
             mask = self._mask(T, n_past, hidden.dtype, hidden.device, B)
-            full = self._call(orig, hidden, args, kwargs, fw.positions, fw.cos, fw.sin, mask, cache)
-            if keep_idx is None:
-                out, kept_pos, kept_rows = full, fw.positions, None
-            else:
-                keep = torch.zeros(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, True)
-                out = torch.where(keep.unsqueeze(-1), full, hidden)
-                kept_pos, kept_rows = fw.positions.gather(1, keep_idx), keep_idx
+            out = self._call(orig, hidden, args, kwargs, fw.positions, fw.cos, fw.sin, mask, cache)
             self._record_keys(idx, fw, cache, fw.positions)
-            self._update_attention(idx, fw, cache, kept_pos, kept_rows, fw.positions, None)
+            self._update_attention(idx, fw, cache, fw.positions, None, fw.positions, None)
             return out
         K = T - n_skip
-        g = keep_idx.unsqueeze(-1)
-        h_sub = hidden.gather(1, g.expand(B, K, D))
-        pos_sub = fw.positions.gather(1, keep_idx)
-        hd = fw.cos.shape[-1]
-        cos_sub = fw.cos.gather(1, g.expand(B, K, hd))
-        sin_sub = fw.sin.gather(1, g.expand(B, K, hd))
+        h_sub, pos_sub, cos_sub, sin_sub = self._rows(hidden, fw, keep_idx)
+        if self.dense_kv or (self.prefill_only and cache is not None):
+            return self._prefill_filled(idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub)
         mask = self._mask(K, n_past, hidden.dtype, hidden.device, B)
         out_sub = self._call(orig, h_sub, args, kwargs, pos_sub, cos_sub, sin_sub, mask, cache)
-        out = hidden.scatter(1, g.expand(B, K, D), out_sub)
+        out = hidden.scatter(1, keep_idx.unsqueeze(-1).expand(B, K, D), out_sub)
         self._record_keys(idx, fw, cache, pos_sub)
         self._update_attention(idx, fw, cache, pos_sub, None, pos_sub, (cos_sub, sin_sub))
         return out
+
+    @staticmethod
+    def _rows(hidden, fw, rows):
+        """The hidden states, positions and rotary tables of the tokens at ``rows`` (B, n)."""
+        B, n = rows.shape
+        g = rows.unsqueeze(-1)
+        hd = fw.cos.shape[-1]
+        return (hidden.gather(1, g.expand(B, n, hidden.shape[-1])), fw.positions.gather(1, rows),
+                fw.cos.gather(1, g.expand(B, n, hd)), fw.sin.gather(1, g.expand(B, n, hd)))
+
+    def _prefill_filled(self, idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub):
+        """The kept tokens through the block, after a cache entry for each skipped token: its
+        keys/values (``dense_kv``; without a KV cache the block gets one of its own for this
+        forward) or a placeholder hidden from every query (``prefill_only``). The new entries are
+        then put in position order, so the block's cache holds one entry per position."""
+        B, T, D = hidden.shape
+        K = keep_idx.shape[1]
+        skipped = torch.ones(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, False)
+        skip_idx = torch.arange(T, device=hidden.device).expand(B, T)[skipped].view(B, T - K)
+        h_skip, pos_skip, cos_skip, sin_skip = self._rows(hidden, fw, skip_idx)
+        given = cache_of(kwargs)
+        cache = given if given is not None else growing_cache()
+        past = fw.sequence.key_positions[idx] if given is not None else None
+        n_past = 0 if past is None else past.shape[1]
+        keys, values = self._keys_values(idx, h_skip, cos_skip, sin_skip, placeholder=not self.dense_kv)
+        cache.update(keys, values, idx)
+        key_pos = torch.cat([p for p in (past, pos_skip, pos_sub) if p is not None], 1)
+        allowed = key_pos.unsqueeze(1) <= pos_sub.unsqueeze(2)  # (B, K, n_past + T)
+        if not self.dense_kv:
+            allowed[:, :, n_past:n_past + T - K] = False
+        mask = self._mask(K, n_past + T - K, hidden.dtype, hidden.device, B, allowed=allowed.unsqueeze(1))
+        out_sub = self._call(orig, h_sub, args, kwargs, pos_sub, cos_sub, sin_sub, mask, cache, idx)
+        out = hidden.scatter(1, keep_idx.unsqueeze(-1).expand(B, K, D), out_sub)
+        layer = cache.layers[idx]
+        if self.dense_kv:  # the factor sees every key, as the block did
+            factor_keys, factor_pos = None, (fw.positions if past is None else torch.cat([past, fw.positions], 1))
+        else:  # only the kept tokens' keys, as in a block that leaves no placeholders
+            factor_keys, factor_pos = layer.keys[:, :, n_past + T - K:].clone(), pos_sub
+        order = key_pos[:, n_past:].argsort(dim=1)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if t.shape[2] != n_past + T:
+                raise TurboLMError(f"block {idx}'s KV cache did not take the prompt whole (a sliding window "
+                                   "shorter than the prompt?); this token pruning needs a full-attention cache")
+            new = t[:, :, n_past:]
+            t[:, :, n_past:] = new.gather(2, order[:, None, :, None].expand_as(new))
+        self._record_keys(idx, fw, given, fw.positions)
+        if given is not None and not self.dense_kv:
+            fw.sequence.holes[idx] = skipped
+        self._update_attention(idx, fw, None, pos_sub, None, factor_pos, (cos_sub, sin_sub),
+                               keys=layer.keys if factor_keys is None else factor_keys)
+        return out
+
+    def _dense_block(self, idx, orig, hidden, args, kwargs, fw):
+        """prefill_only after the prompt: the unmodified layer, its queries masked from the
+        placeholders the prompt left in this block's cache."""
+        holes = fw.sequence.holes[idx] if fw.sequence is not None else None
+        if holes is None:
+            return orig(hidden, *args, **kwargs)
+        B, T, _ = hidden.shape
+        n_past = cache_of(kwargs).layers[idx].keys.shape[2]
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # sdpa's own causal kernel: spell it out
+            allowed = torch.ones(T, n_past + T, dtype=torch.bool, device=hidden.device)
+            allowed[:, n_past:] = allowed[:, n_past:].tril()
+            mask = allowed.expand(B, 1, T, n_past + T)
+        if mask.dim() != 4 or mask.shape[-1] != n_past + T:
+            raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
+                               f"{T} new tokens after {n_past} cached ones; it needs a 4D mask over the whole cache")
+        n = min(holes.shape[1], n_past)
+        hide = torch.zeros(B, 1, 1, n_past + T, dtype=torch.bool, device=hidden.device)
+        hide[:, 0, 0, :n] = holes[:, :n]
+        if mask.dtype == torch.bool:
+            mask = mask & ~hide
+        else:
+            mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+        return orig(hidden, *args, **{**kwargs, "attention_mask": mask})
+
+    def _keys_values(self, idx, hidden, cos, sin, placeholder: bool = False):
+        """The keys (rotated) and values block ``idx`` gives tokens whose input is ``hidden``:
+        the layer's own input norm and projections (and per-head key norm where it has one);
+        ``placeholder``: zeros of that shape instead (entries no query will see)."""
+        layer = self.layers[idx]
+        attn = layer.self_attn
+        B, n, _ = hidden.shape
+        if placeholder:
+            heads = attn.k_proj.out_features // attn.head_dim
+            z = hidden.new_zeros(B, heads, n, attn.head_dim)
+            return z, z.clone()
+        x = layer.input_layernorm(hidden)
+        k = attn.k_proj(x).view(B, n, -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        v = attn.v_proj(x).view(B, n, -1, attn.head_dim).transpose(1, 2)
+        return apply_rotary(k.transpose(1, 2), cos, sin), v
 
     def _decode_block(self, idx, orig, hidden, args, kwargs, fw):
         cache = cache_of(kwargs)
@@ -379,12 +491,13 @@ class TokenPruner(ModelPatch):
 
     @torch.no_grad()
     def _update_attention(self, idx, fw, cache, query_positions, query_rows, key_positions, rotary_sub,
-                          key_rows=None):
+                          key_rows=None, keys=None):
         """Refresh factor 2 for the keys of block ``idx`` from its last few computed queries.
 
         ``query_rows``/``key_rows``: rows of the captured projections that belong to the
         computed queries/keys (None: all rows, in order). ``rotary_sub``: the (cos, sin) of the
-        captured rows when they are a gathered sub-batch.
+        captured rows when they are a gathered sub-batch. ``keys``: the block's rotated keys
+        at ``key_positions`` when they are given rather than read from ``cache`` or the capture.
         """
         q_all, k_all = self._captured.get("q_proj"), self._captured.get("k_proj")
         if not self.track_attention or q_all is None or k_all is None or query_positions.shape[1] == 0:
@@ -403,7 +516,9 @@ class TokenPruner(ModelPatch):
         q = apply_rotary(q, cq, sq)
         q_pos = query_positions[:, -m:]
         seq = fw.sequence
-        if cache is not None:
+        if keys is not None:
+            k_pos = key_positions
+        elif cache is not None:
             keys = cache.layers[idx].keys
             k_pos = seq.key_positions[idx]
         else:

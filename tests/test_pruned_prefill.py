@@ -1,0 +1,139 @@
+"""dense_kv token skipping at the kept tokens' cost, and a pruned prefill followed by any decoding
+method (``TokenPruner(prefill_only=True)``): exact against references on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_pruning import FixedRouter
+
+from conftest import random_ids
+from turbolm import load_target
+from turbolm.core.generation import forward, generate, new_cache
+from turbolm.pruning import LearnedRouter, StaticRouter, TokenPruner
+from turbolm.speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
+from turbolm.speculative.draft.model import DraftConfig, DraftModel
+from turbolm.speculative.proposers.hybrid import HybridProposer
+from turbolm.speculative.proposers.jakiro import JakiroProposer
+
+SCHEDULE = [0.3, 0.5, 0.25]
+
+
+def _reference(model, router, schedule, ids):
+    """dense_kv by definition: every block runs on every token (causal over all keys) and the
+    skipped tokens are reset to their input - the pruner's training mode with hard gates."""
+    with TokenPruner(model, router, schedule, dense_kv=True) as p:
+        p.training_mode = True
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_dense_kv_computes_only_kept_tokens_and_matches_the_definition(tiny_dirs, arch, with_cache):
+    model, _ = load_target(tiny_dirs[arch])
+    n = model.config.num_hidden_layers
+    schedule = (SCHEDULE * n)[:n]
+    ids = random_ids(T=30, B=1 if with_cache else 2)
+    with torch.no_grad():
+        for router in (StaticRouter(), LearnedRouter()):
+            ref = _reference(model, router, schedule, ids)
+            with TokenPruner(model, router, schedule, dense_kv=True) as p:
+                if with_cache:
+                    cache = new_cache(model)
+                    got = forward(model, ids, cache).logits
+                    # every block's cache holds every token, in position order
+                    assert [cache.layers[i].keys.shape[2] for i in range(n)] == [30] * n
+                else:
+                    got = model(ids, use_cache=False).logits
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            assert p.stats.prefill_sparsity > 0.2
+            if isinstance(router, LearnedRouter):
+                continue  # its untrained start skips the newest tokens: both K/V semantics agree
+            # the static router skips early tokens: not the default semantics (no keys there)
+            with TokenPruner(model, router, schedule):
+                assert not torch.allclose(model(ids, use_cache=False).logits, ref, atol=1e-3)
+
+
+def _default_reference(model, router, schedule, ids):
+    """The default semantics (skipped tokens leave no keys/values) in one forward without a cache."""
+    with TokenPruner(model, router, schedule):
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("dense_kv", [False, True])
+def test_prefill_only_then_one_dense_token(three_layer_llama, dense_kv):
+    """A pruned prefill fills every block's cache (one entry per position, in order); the next
+    token runs dense and equals that token computed in one longer pruned forward that keeps it
+    in every block (the prompt's kept sets unchanged) - with the same K/V semantics."""
+    model, _ = three_layer_llama
+    ids = random_ids(T=12)
+    keep = [0, 1, 4, 5, 8, 11]
+    reference = _reference if dense_kv else _default_reference
+    with torch.no_grad():
+        with TokenPruner(model, FixedRouter(keep), [0.5] * 3, prefill_only=True, dense_kv=dense_kv) as p:
+            cache = new_cache(model)
+            prompt = forward(model, ids, cache).logits[0]
+            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [12] * 3
+            step = forward(model, torch.tensor([[7]]), cache).logits[0, -1]
+            assert p.stats.decode_pairs == 0  # the new token ran dense, outside the pruner
+            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [13] * 3
+        torch.testing.assert_close(prompt, reference(model, FixedRouter(keep), [0.5] * 3, ids)[0], rtol=1e-4, atol=1e-4)
+        ref = reference(model, FixedRouter(keep + [12]), [6 / 13] * 3, torch.cat([ids, torch.tensor([[7]])], 1))
+    torch.testing.assert_close(step, ref[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_only_decodes_as_the_pruners_own_decoding(three_layer_llama):
+    """When the router lets every new token run every block, the pruner's own decoding (default
+    semantics) and a prefill_only prefill followed by dense decoding write the same tokens."""
+    model, tok = three_layer_llama
+    prompt = tok("The capital of France is Paris. The capital of Italy is Rome. The capital of")["input_ids"]
+    keep = range(0, len(prompt), 2)
+    schedule = [(len(prompt) - len(keep)) / len(prompt)] * 3
+    with TokenPruner(model, FixedRouter(keep), schedule) as p:
+        own = generate(model, tok, prompt, max_new_tokens=16).token_ids
+        assert p.stats.decode_skipped == 0 and p.stats.prefill_sparsity > 0.4
+    with TokenPruner(model, FixedRouter(keep), schedule, prefill_only=True):
+        assert generate(model, tok, prompt, max_new_tokens=16).token_ids == own
+
+
+def test_prefill_only_with_dense_schedule_is_the_dense_model(three_layer_llama):
+    model, tok = three_layer_llama
+    prompt = tok("The capital of France is")["input_ids"]
+    dense = generate(model, tok, prompt, max_new_tokens=10)
+    with TokenPruner(model, StaticRouter(), [0.0] * 3, prefill_only=True):
+        pruned = generate(model, tok, prompt, max_new_tokens=10)
+    assert pruned.token_ids == dense.token_ids
+
+
+def _proposers(target):
+    torch.manual_seed(0)
+    tree = TreeConfig(total_tokens=8, depth=3, top_k=3)
+    jakiro = JakiroProposer(DraftModel(DraftConfig.for_target(target, arch="jakiro")).eval(), target, tree)
+    return {"prompt-lookup": PromptLookupProposer(), "jakiro": jakiro,
+            "hybrid": HybridProposer(JakiroProposer(DraftModel(DraftConfig.for_target(target, arch="jakiro")).eval(),
+                                                    target, tree))}
+
+
+@pytest.mark.parametrize("arch,dense_kv", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_pruned_prefill_then_speculative_is_lossless(tiny_dirs, arch, dense_kv):
+    """Greedy speculative decoding after a pruned prefill writes exactly what vanilla decoding
+    after the same pruned prefill writes, and the pruning changed the output (it did run)."""
+    model, tok = load_target(tiny_dirs[arch])
+    n = model.config.num_hidden_layers
+    prompts = ["The capital of France is Paris. The capital of Italy is Rome. The capital of",
+               "Question: repeat after me: sea sky stars sea sky stars sea sky stars sea",
+               "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return"]
+    pruner = TokenPruner(model, StaticRouter(), [0.7] * n, prefill_only=True, dense_kv=dense_kv)
+    changed = 0
+    for text in prompts:
+        ids = tok(text)["input_ids"]
+        dense = generate(model, tok, ids, max_new_tokens=24).token_ids
+        with pruner:
+            pruner.reset_stats()
+            vanilla = generate(model, tok, ids, max_new_tokens=24).token_ids
+            assert pruner.stats.prefill_sparsity > 0.2 and pruner.stats.decode_pairs == 0
+            for name, proposer in _proposers(model).items():
+                out = SpeculativeGenerator(model, tok, proposer).generate(ids, max_new_tokens=24).token_ids
+                assert out == vanilla, (name, text)
+        changed += vanilla != dense
+    assert changed  # a pruned prefill that changed nothing would test nothing
