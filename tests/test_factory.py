@@ -191,7 +191,9 @@ def test_pruner_spec_and_factory(tiny, tmp_path):
                          (PrunerSpec("static"), ("method", "sparsity", "schedule")),
                          (PrunerSpec("shortgpt", sparsity=1.5), ("method", "sparsity")),
                          (PrunerSpec("static", checkpoint="x"), ("checkpoint", "method")),
-                         (PrunerSpec("random", sparsity=0.3, router="learned"), ("router", "checkpoint"))]:
+                         (PrunerSpec("random", sparsity=0.3, router="learned"), ("router", "checkpoint")),
+                         (PrunerSpec("shortgpt", sparsity=0.3, prefill_only=True), ("prefill_only",)),
+                         (PrunerSpec("blockpruner", sparsity=0.3, dense_kv=True), ("dense_kv",))]:
         with pytest.raises(ParameterError) as e:
             spec.check()
         assert e.value.params == params

@@ -137,3 +137,27 @@ def test_pruned_prefill_then_speculative_is_lossless(tiny_dirs, arch, dense_kv):
                 assert out == vanilla, (name, text)
         changed += vanilla != dense
     assert changed  # a pruned prefill that changed nothing would test nothing
+
+
+def test_generate_cli_with_a_pruner(tiny, tiny_dir, tmp_path, capsys):
+    """`turbolm generate --pruner P --speculative M`: the same answer as vanilla after the same
+    pruned prefill, the prompt's token sparsity reported; refusals name the parameter."""
+    import json
+
+    from turbolm.cli import main
+    from turbolm.pruning.checkpoint import pruner_config, save_pruner
+
+    model, _ = tiny
+    router = StaticRouter()
+    save_pruner(tmp_path / "p", pruner_config(model, router, [0.5, 0.5], target_sparsity=0.5), router)
+    answers = {}
+    for method in ("none", "prompt-lookup"):
+        argv = ["generate", "--model", str(tiny_dir), "--prompt", "sea sky stars sea sky stars sea sky stars sea",
+                "--raw", "--max-new-tokens", "12", "--json", "--pruner", str(tmp_path / "p"), "--speculative", method]
+        assert main(argv) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["prefill_sparsity"] > 0.3 and d["pruner"] == str(tmp_path / "p")
+        answers[method] = d["token_ids"]
+    assert answers["none"] == answers["prompt-lookup"]
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--pruner", str(tmp_path / "missing")]) != 0
+    assert "missing" in capsys.readouterr().err

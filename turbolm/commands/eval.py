@@ -52,6 +52,8 @@ def register(subparsers) -> None:
                    help="static / random token routers (--sparsity uniform or --schedule FILE); shortgpt: remove the "
                         "layers of lowest Block Influence; blockpruner: remove attention/MLP blocks greedily by "
                         "calibration perplexity (both on --calibration-data; cached per model)")
+    g.add_argument("--dense-kv", action="store_true",
+                   help="with --pruner or a token-router baseline: skipped tokens still provide keys/values")
     g.add_argument("--sparsity", type=float, default=None, help="fraction of (token, block) work to remove")
     g.add_argument("--label", default=None, help="method name in the report (e.g. for an ablation's checkpoint)")
     g.add_argument("--schedule", default=None, help="per-block schedule file (search JSON or pruner config) for --baseline static/random")
@@ -81,7 +83,8 @@ def config(args):
     pruned = None
     if args.pruner or args.baseline:
         pruned = PrunerSpec(method=args.baseline or "ftp", checkpoint=args.pruner, router=args.router,
-                            sparsity=args.sparsity, schedule=args.schedule, calibration_data=args.calibration_data)
+                            sparsity=args.sparsity, schedule=args.schedule, calibration_data=args.calibration_data,
+                            dense_kv=args.dense_kv)
     return EvalConfig(
         model=args.model, dtype=args.dtype, device=args.device,
         tasks=None if args.tasks is None else args.tasks.split(","), task_files=args.task_file, task_paths=paths,

@@ -47,7 +47,12 @@ def _pruner_args(p) -> None:
                    help="router to use: default the checkpoint's; static / random need no checkpoint (with --sparsity)")
     p.add_argument("--sparsity", type=float, default=None, help="uniform sparsity for --router static/random without --pruner")
     p.add_argument("--schedule", default=None, help="per-block schedule from a search file (with --router static/random)")
-    p.add_argument("--dense-kv", action="store_true", help="ablation: skipped tokens still provide keys/values (no speed-up)")
+    p.add_argument("--dense-kv", action="store_true",
+                   help="skipped tokens still provide keys/values (from their input to the block; costs their k/v "
+                        "projections only)")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="only the prompt skips tokens; every new token runs the dense model (what `turbolm generate "
+                        "--pruner` does)")
 
 
 def register(sub) -> None:
@@ -128,13 +133,14 @@ def register(sub) -> None:
 
 
 def pruner_spec(args):
-    """The PrunerSpec of --pruner / --router / --sparsity / --schedule / --dense-kv."""
+    """The PrunerSpec of --pruner / --router / --sparsity / --schedule / --dense-kv / --prefill-only."""
     from ..pruning import PrunerSpec
 
     if args.pruner:
-        return PrunerSpec(checkpoint=args.pruner, router=args.router, dense_kv=args.dense_kv).check()
+        return PrunerSpec(checkpoint=args.pruner, router=args.router, dense_kv=args.dense_kv,
+                          prefill_only=args.prefill_only).check()
     return PrunerSpec(method=args.router or "ftp", sparsity=args.sparsity, schedule=args.schedule,
-                      dense_kv=args.dense_kv).check()
+                      dense_kv=args.dense_kv, prefill_only=args.prefill_only).check()
 
 
 def _search_config(args):

@@ -59,8 +59,9 @@ class PrunerSpec:
                                  "schedule")
         if self.method in ("shortgpt", "blockpruner") and (self.sparsity is None or not 0 < self.sparsity < 1):
             raise ParameterError(f"{{}} {self.method} needs {{}} S in (0, 1)", "method", "sparsity")
-        if self.prefill_only and self.method in ("shortgpt", "blockpruner"):
-            raise ParameterError(f"{{}} is for token routers; {self.method} removes layers for every token", "prefill_only")
+        for name in ("dense_kv", "prefill_only"):
+            if getattr(self, name) and self.method in ("shortgpt", "blockpruner"):
+                raise ParameterError(f"{{}} is for token routers; {self.method} removes layers for every token", name)
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ParameterError(f"{{}} must be in [0, 1), got {self.sparsity}", "sparsity")
         return self
