@@ -71,12 +71,14 @@ def setups(tiny_dirs, tmp_path_factory):
     return out
 
 
-# ~12 s each with their 12 prompts: the three full-prompt architectures run with the slow tests
+# ~8-12 s each with their 12 prompts: the three full-prompt architectures, Gemma-2 and the mixed
+# sliding/full Qwen2 run with the slow tests (make test-fast keeps one sliding-window model and Gemma-3)
 FULL = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", [pytest.param("llama", marks=FULL), pytest.param("qwen2", marks=FULL),
-                                  pytest.param("mistral", marks=FULL), "mistral-window", "qwen2-mixed-window", "gemma2",
+                                  pytest.param("mistral", marks=FULL), "mistral-window",
+                                  pytest.param("qwen2-mixed-window", marks=FULL), pytest.param("gemma2", marks=FULL),
                                   "gemma3"])
 def test_greedy_is_identical_to_vanilla(setups, name):
     target, tok, proposers = setups[name]

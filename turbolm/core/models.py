@@ -435,7 +435,9 @@ def load_target(
     ``source``: None (the default SmolLM2-135M-Instruct), a local Hugging Face model
     directory, or a local ``.gguf`` file. ``dtype``: float32, bfloat16, float16, or int8 (bfloat16
     with the decoder's linear weights rounded to int8, ``core.quantize``). Returns ``(model, tokenizer)``; the model is in
-    eval mode on ``device`` with ``model.turbolm_source`` set to the resolved source.
+    eval mode on ``device`` with ``model.turbolm_source`` set to the resolved source. A CPU model
+    with grouped-query sdpa attention runs it as ``turbolm_sdpa`` (``core.attention``: the same
+    attention, without copying keys/values under masks) unless ``attn_implementation`` is given.
     No code from a model folder is ever run, and weights are read only from safetensors files.
     """
     src = resolve_source(source)
@@ -447,6 +449,10 @@ def load_target(
     else:
         model, tokenizer = _load_gguf(src.path, torch_dtype, attn_implementation)
     model.to(dev).eval()
+    if attn_implementation is None:  # a CPU model's masked grouped-query attention without the K/V copies
+        from .attention import use_gqa_attention
+
+        use_gqa_attention(model)
     if quantize:
         from .quantize import quantize_int8
 

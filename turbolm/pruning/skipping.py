@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.attention import SDPA_LIKE
 from ..core.errors import TurboLMError
 from ..core.generation import cache_kwarg
 from ..core.kvcache import growing_cache
 from ..core.patches import ModelPatch
 from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = (*SDPA_LIKE, "eager")
 
 
 def decoder_layers(model):
@@ -113,8 +114,10 @@ class _Sequence:
         self.length = 0
         self.attention = torch.empty(batch, 0, device=device)
         self.key_positions: list[torch.Tensor | None] = [None] * num_layers
-        # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None
+        # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None,
+        # and the additive mask bias that hides them (built on first use)
         self.holes: list[torch.Tensor | None] = [None] * num_layers
+        self.hole_bias: list[torch.Tensor | None] = [None] * num_layers
 
 
 @dataclass
@@ -298,7 +301,7 @@ class TokenPruner(ModelPatch):
     def _mask(self, n_query: int, n_past: int, dtype, device, batch: int, allowed: torch.Tensor | None = None):
         """Additive mask (B, 1, q, past + q): everything in the cache is earlier, new keys causal."""
         if allowed is None:
-            if n_past == 0 and self.attn_impl == "sdpa" and n_query > 1:
+            if n_past == 0 and self.attn_impl in SDPA_LIKE and n_query > 1:
                 return None  # sdpa's own causal kernel
             new = torch.ones(n_query, n_query, dtype=torch.bool, device=device).tril()
             allowed = torch.cat([torch.ones(n_query, n_past, dtype=torch.bool, device=device), new], 1)
@@ -326,14 +329,42 @@ class TokenPruner(ModelPatch):
             return out
         K = T - n_skip
         h_sub, pos_sub, cos_sub, sin_sub = self._rows(hidden, fw, keep_idx)
-        if self.dense_kv or (self.prefill_only and cache is not None):
-            return self._prefill_filled(idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub)
+        if self.dense_kv:
+            return self._prefill_dense_kv(idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub)
         mask = self._mask(K, n_past, hidden.dtype, hidden.device, B)
         out_sub = self._call(orig, h_sub, args, kwargs, pos_sub, cos_sub, sin_sub, mask, cache)
         out = hidden.scatter(1, keep_idx.unsqueeze(-1).expand(B, K, D), out_sub)
         self._record_keys(idx, fw, cache, pos_sub)
         self._update_attention(idx, fw, cache, pos_sub, None, pos_sub, (cos_sub, sin_sub))
+        if self.prefill_only and cache is not None:
+            self._leave_placeholders(idx, cache, keep_idx, n_past, T, fw)
         return out
+
+    def _leave_placeholders(self, idx, cache, keep_idx, n_past, T, fw):
+        """prefill_only: give block ``idx``'s cache an entry per position - zeros where a token
+        skipped the block, which every later query is masked from (:meth:`_dense_block`)."""
+        B, K = keep_idx.shape
+        layer = cache.layers[idx]
+        zeros = layer.keys.new_zeros(B, layer.keys.shape[1], T - K, layer.keys.shape[3])
+        cache.update(zeros, zeros.clone(), idx)
+        skipped = torch.ones(B, T, dtype=torch.bool, device=keep_idx.device).scatter_(1, keep_idx, False)
+        rows = torch.arange(T, device=keep_idx.device).expand(B, T)
+        self._position_order(idx, layer, n_past, T, torch.cat([keep_idx, rows[skipped].view(B, T - K)], 1))
+        fw.sequence.holes[idx] = skipped
+        fw.sequence.hole_bias[idx] = None
+
+    @staticmethod
+    def _position_order(idx, layer, n_past, T, rows):
+        """Reorder the ``T`` newest entries of a cache layer, now holding the forward's tokens
+        ``rows`` (B, T) in that order, into position order (in place)."""
+        order = rows.argsort(dim=1)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if t.shape[2] != n_past + T:
+                raise TurboLMError(f"block {idx}'s KV cache did not take the prompt whole (a sliding window "
+                                   "shorter than the prompt?); this token pruning needs a full-attention cache")
+            new = t[:, :, n_past:]
+            t[:, :, n_past:] = new.gather(2, order[:, None, :, None].expand_as(new))
 
     @staticmethod
     def _rows(hidden, fw, rows):
@@ -344,11 +375,12 @@ class TokenPruner(ModelPatch):
         return (hidden.gather(1, g.expand(B, n, hidden.shape[-1])), fw.positions.gather(1, rows),
                 fw.cos.gather(1, g.expand(B, n, hd)), fw.sin.gather(1, g.expand(B, n, hd)))
 
-    def _prefill_filled(self, idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub):
-        """The kept tokens through the block, after a cache entry for each skipped token: its
-        keys/values (``dense_kv``; without a KV cache the block gets one of its own for this
-        forward) or a placeholder hidden from every query (``prefill_only``). The new entries are
-        then put in position order, so the block's cache holds one entry per position."""
+    def _prefill_dense_kv(self, idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub):
+        """dense_kv at the kept tokens' cost: each skipped token's keys/values (from its input
+        to the block) are written to the cache first, then the kept tokens run the block,
+        attending to every earlier key; the new entries are then put in position order, so the
+        block's cache holds one entry per position. Without a KV cache the block gets one of its
+        own for this forward."""
         B, T, D = hidden.shape
         K = keep_idx.shape[1]
         skipped = torch.ones(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, False)
@@ -358,33 +390,17 @@ class TokenPruner(ModelPatch):
         cache = given if given is not None else growing_cache()
         past = fw.sequence.key_positions[idx] if given is not None else None
         n_past = 0 if past is None else past.shape[1]
-        keys, values = self._keys_values(idx, h_skip, cos_skip, sin_skip, placeholder=not self.dense_kv)
-        cache.update(keys, values, idx)
+        cache.update(*self._keys_values(idx, h_skip, cos_skip, sin_skip), idx)
         key_pos = torch.cat([p for p in (past, pos_skip, pos_sub) if p is not None], 1)
-        allowed = key_pos.unsqueeze(1) <= pos_sub.unsqueeze(2)  # (B, K, n_past + T)
-        if not self.dense_kv:
-            allowed[:, :, n_past:n_past + T - K] = False
-        mask = self._mask(K, n_past + T - K, hidden.dtype, hidden.device, B, allowed=allowed.unsqueeze(1))
+        allowed = (key_pos.unsqueeze(1) <= pos_sub.unsqueeze(2)).unsqueeze(1)  # (B, 1, K, n_past + T)
+        mask = self._mask(K, n_past + T - K, hidden.dtype, hidden.device, B, allowed=allowed)
         out_sub = self._call(orig, h_sub, args, kwargs, pos_sub, cos_sub, sin_sub, mask, cache, idx)
         out = hidden.scatter(1, keep_idx.unsqueeze(-1).expand(B, K, D), out_sub)
         layer = cache.layers[idx]
-        if self.dense_kv:  # the factor sees every key, as the block did
-            factor_keys, factor_pos = None, (fw.positions if past is None else torch.cat([past, fw.positions], 1))
-        else:  # only the kept tokens' keys, as in a block that leaves no placeholders
-            factor_keys, factor_pos = layer.keys[:, :, n_past + T - K:].clone(), pos_sub
-        order = key_pos[:, n_past:].argsort(dim=1)
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            if t.shape[2] != n_past + T:
-                raise TurboLMError(f"block {idx}'s KV cache did not take the prompt whole (a sliding window "
-                                   "shorter than the prompt?); this token pruning needs a full-attention cache")
-            new = t[:, :, n_past:]
-            t[:, :, n_past:] = new.gather(2, order[:, None, :, None].expand_as(new))
+        self._position_order(idx, layer, n_past, T, torch.cat([skip_idx, keep_idx], 1))
         self._record_keys(idx, fw, given, fw.positions)
-        if given is not None and not self.dense_kv:
-            fw.sequence.holes[idx] = skipped
-        self._update_attention(idx, fw, None, pos_sub, None, factor_pos, (cos_sub, sin_sub),
-                               keys=layer.keys if factor_keys is None else factor_keys)
+        all_pos = fw.positions if past is None else torch.cat([past, fw.positions], 1)
+        self._update_attention(idx, fw, None, pos_sub, None, all_pos, (cos_sub, sin_sub), keys=layer.keys)
         return out
 
     def _dense_block(self, idx, orig, hidden, args, kwargs, fw):
@@ -412,17 +428,12 @@ class TokenPruner(ModelPatch):
             mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
         return orig(hidden, *args, **{**kwargs, "attention_mask": mask})
 
-    def _keys_values(self, idx, hidden, cos, sin, placeholder: bool = False):
+    def _keys_values(self, idx, hidden, cos, sin):
         """The keys (rotated) and values block ``idx`` gives tokens whose input is ``hidden``:
-        the layer's own input norm and projections (and per-head key norm where it has one);
-        ``placeholder``: zeros of that shape instead (entries no query will see)."""
+        the layer's own input norm and projections (and per-head key norm where it has one)."""
         layer = self.layers[idx]
         attn = layer.self_attn
         B, n, _ = hidden.shape
-        if placeholder:
-            heads = attn.k_proj.out_features // attn.head_dim
-            z = hidden.new_zeros(B, heads, n, attn.head_dim)
-            return z, z.clone()
         x = layer.input_layernorm(hidden)
         k = attn.k_proj(x).view(B, n, -1, attn.head_dim)
         if getattr(attn, "k_norm", None) is not None:
