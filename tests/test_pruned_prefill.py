@@ -77,9 +77,27 @@ def test_prefill_only_then_one_dense_token(three_layer_llama, dense_kv):
             step = forward(model, torch.tensor([[7]]), cache).logits[0, -1]
             assert p.stats.decode_pairs == 0  # the new token ran dense, outside the pruner
             assert [cache.layers[i].keys.shape[2] for i in range(3)] == [13] * 3
+            block = forward(model, torch.tensor([[3, 9, 4]]), cache).logits[0]  # three at once (causal)
+            # the same when a layer gets no mask (sdpa's causal kernel): the pruner spells it out around
+            # the placeholders
+            for i in range(3):
+                cache.layers[i].keys, cache.layers[i].values = cache.layers[i].keys[:, :, :13], cache.layers[i].values[:, :, :13]
+
+            def no_mask(module, args, kwargs):
+                return args, {**kwargs, "attention_mask": None}
+            hooks = [layer.register_forward_pre_hook(no_mask, with_kwargs=True) for layer in model.model.layers]
+            try:
+                unmasked = forward(model, torch.tensor([[3, 9, 4]]), cache).logits[0]
+            finally:
+                for h in hooks:
+                    h.remove()
         torch.testing.assert_close(prompt, reference(model, FixedRouter(keep), [0.5] * 3, ids)[0], rtol=1e-4, atol=1e-4)
-        ref = reference(model, FixedRouter(keep + [12]), [6 / 13] * 3, torch.cat([ids, torch.tensor([[7]])], 1))
-    torch.testing.assert_close(step, ref[0, -1], rtol=1e-4, atol=1e-4)
+        ref = reference(model, FixedRouter(keep + [12, 13, 14, 15]), [6 / 16] * 3,
+                        torch.cat([ids, torch.tensor([[7, 3, 9, 4]])], 1))
+    torch.testing.assert_close(step, ref[0, 12], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block, ref[0, 13:], rtol=1e-4, atol=1e-4)
+    if not dense_kv:  # (with dense_kv the layers run as they are, and get the mask transformers gives)
+        torch.testing.assert_close(unmasked, ref[0, 13:], rtol=1e-4, atol=1e-4)
 
 
 def test_prefill_only_decodes_as_the_pruners_own_decoding(three_layer_llama):

@@ -115,7 +115,7 @@ class _Sequence:
         self.attention = torch.empty(batch, 0, device=device)
         self.key_positions: list[torch.Tensor | None] = [None] * num_layers
         # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None,
-        # and the additive mask bias that hides them (built on first use)
+        # and the mask row that hides them (B, 1, 1, prompt; built on first use)
         self.holes: list[torch.Tensor | None] = [None] * num_layers
         self.hole_bias: list[torch.Tensor | None] = [None] * num_layers
 
@@ -409,23 +409,25 @@ class TokenPruner(ModelPatch):
         holes = fw.sequence.holes[idx] if fw.sequence is not None else None
         if holes is None:
             return orig(hidden, *args, **kwargs)
+        seq = fw.sequence
         B, T, _ = hidden.shape
         n_past = cache_of(kwargs).layers[idx].keys.shape[2]
+        n = min(holes.shape[1], n_past)
+        if seq.hole_bias[idx] is None:  # (B, 1, 1, prompt): True where a query may look
+            seq.hole_bias[idx] = ~holes[:, None, None, :]
+        visible = torch.nn.functional.pad(seq.hole_bias[idx][..., :n], (0, n_past + T - n), value=True)
         mask = kwargs.get("attention_mask")
-        if mask is None:  # sdpa's own causal kernel: spell it out
-            allowed = torch.ones(T, n_past + T, dtype=torch.bool, device=hidden.device)
-            allowed[:, n_past:] = allowed[:, n_past:].tril()
-            mask = allowed.expand(B, 1, T, n_past + T)
-        if mask.dim() != 4 or mask.shape[-1] != n_past + T:
+        if mask is None and T == 1:
+            mask = visible
+        elif mask is None:  # sdpa's own causal kernel: spell it out
+            mask = visible & torch.ones(T, n_past + T, dtype=torch.bool, device=hidden.device).tril(n_past)
+        elif mask.dim() != 4 or mask.shape[-1] != n_past + T:
             raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
                                f"{T} new tokens after {n_past} cached ones; it needs a 4D mask over the whole cache")
-        n = min(holes.shape[1], n_past)
-        hide = torch.zeros(B, 1, 1, n_past + T, dtype=torch.bool, device=hidden.device)
-        hide[:, 0, 0, :n] = holes[:, :n]
-        if mask.dtype == torch.bool:
-            mask = mask & ~hide
+        elif mask.dtype == torch.bool:
+            mask = mask & visible
         else:
-            mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+            mask = mask.masked_fill(~visible, torch.finfo(mask.dtype).min)
         return orig(hidden, *args, **{**kwargs, "attention_mask": mask})
 
     def _keys_values(self, idx, hidden, cos, sin):
