@@ -357,8 +357,9 @@ def test_hidden_state_router_trains_and_round_trips(three_layers, tmp_path):
     assert 0.25 < pruner.stats.prefill_sparsity < 0.35
 
 
-def test_learned_router_starts_as_the_static_one(three_layers):
-    router = LearnedRouter().init_static()
+@pytest.mark.parametrize("saturated", [False, True])
+def test_learned_router_starts_as_the_static_one(three_layers, saturated):
+    router = LearnedRouter().init_static(saturated=saturated)
     f = build_factors(torch.arange(200)[None], 200, torch.rand(1, 200) * 3, 0.3)
     assert torch.equal(router.scores(f).argsort(dim=1), StaticRouter().scores(f).argsort(dim=1))
     assert bool(router.keep_decode(f[:, -1:]).all())
@@ -370,6 +371,32 @@ def test_learned_router_starts_as_the_static_one(three_layers):
         with TokenPruner(model, router, [0.3, 0.5, 0.2]):
             learned = model(ids, use_cache=False).logits
     torch.testing.assert_close(static, learned)
+
+
+def _free_unit_gradient(model, router, ids, schedule):
+    """The norm of the loss gradient on the output weights of the units beyond the two that
+    encode the static rule, after one straight-through training forward."""
+    with TokenPruner(model, router, schedule) as p:
+        with torch.no_grad(), p.disabled():
+            dense = model(ids, use_cache=False).logits
+        p.training_mode = True
+        pruned = model(ids, use_cache=False).logits
+    router.zero_grad()
+    distillation_loss(dense, pruned).backward()
+    return float(router.net[2].weight.grad[0, 2:].norm())
+
+
+def test_the_static_start_can_leave_the_static_rule(three_layers):
+    """The default start gives the free units a real gradient; the saturated first start (where
+    the shipped routers stayed) gives them almost none."""
+    model, _ = three_layers
+    model.requires_grad_(False)
+    ids, schedule = _ids(T=40, B=2), [0.3, 0.5, 0.2]
+    torch.manual_seed(0)
+    free = _free_unit_gradient(model, LearnedRouter().init_static(), ids, schedule)
+    torch.manual_seed(0)
+    stuck = _free_unit_gradient(model, LearnedRouter().init_static(saturated=True), ids, schedule)
+    assert free > 0 and free > 100 * stuck
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
@@ -387,3 +414,31 @@ def test_other_architectures_skip_and_generate(tiny_dirs, arch):
         res = generate(model, tok, ids[0].tolist(), max_new_tokens=5)
     torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-4)
     assert len(res.token_ids) == 5 and p.stats.prefill_skipped > 0
+
+
+def test_pack_rows_mixes_plain_text_and_chat_rows(three_layers, tmp_path):
+    """Plain-text rows are tokenized as they are (no chat template), closed with EOS; two sources
+    share the held-out chunks evenly and alternate in the training chunks."""
+    from turbolm.core.chat import encode_chat
+    from turbolm.pruning.data import pack_rows
+
+    _, tok = three_layers
+    text = tmp_path / "wiki.jsonl"
+    text.write_text("".join(json.dumps({"id": i, "title": f"T{i}", "text": f"Article {i} says the sea is deep. " * 12})
+                            + "\n" for i in range(30)))
+    chat = tmp_path / "alpaca.json"
+    chat.write_text(json.dumps([{"instruction": f"Say {i}", "input": "", "output": f"Answer {i}. " * 10}
+                                for i in range(60)]))
+    alone = pack_rows(tok, text, 32, 2)
+    words = tok("Article 0 says", add_special_tokens=False)["input_ids"]
+    assert alone.calibration[0, :len(words)].tolist() == words  # no template around plain text
+    assert tok.eos_token_id in alone.train.flatten().tolist()
+    both = pack_rows(tok, [text, chat], 32, 3, max_train=4)
+    chat_alone = pack_rows(tok, chat, 32, 1, max_train=2)
+    assert torch.equal(both.calibration[:2], alone.calibration[:2])  # 2 + 1 held-out chunks
+    assert torch.equal(both.calibration[2], chat_alone.calibration[0])
+    assert torch.equal(both.train[1], chat_alone.train[0]) and torch.equal(both.train[3], chat_alone.train[1])
+    assert len(both.train) == 4
+    rendered = encode_chat(tok, [{"role": "user", "content": "Say 0"}, {"role": "assistant", "content": "Answer 0. " * 10}],
+                           add_generation_prompt=False)
+    assert chat_alone.calibration[0].tolist() == rendered[:32]

@@ -26,7 +26,10 @@ STEPS_HELP = """FTP token-wise pruning, in four steps:
 
 
 def _data_args(p) -> None:
-    p.add_argument("--data", required=True, help="Alpaca or ShareGPT rows (JSON list or .jsonl), e.g. ../shared/data/alpaca/alpaca_5000.json")
+    p.add_argument("--data", required=True, action="append",
+                   help="Alpaca or ShareGPT rows, or plain-text rows {\"text\": ...} (JSON list or .jsonl), e.g. "
+                        "../shared/data/text/enwiki_sample_8mb.jsonl; repeat it to mix sources (they share the "
+                        "held-out and training chunks evenly)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default: 256)")
     p.add_argument("--calibration", type=int, default=8, help="held-out chunks for the fitness / held-out KL (default: 8)")
     p.add_argument("--score-last", type=int, default=None,
@@ -87,8 +90,10 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     t.add_argument("--batch-size", type=int, default=4, help="chunks per step (default: 4)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default: 1e-3)")
-    t.add_argument("--init", choices=["static", "random"], default="static",
-                   help="static (default): start the router from the static router's ranking; random: default init")
+    t.add_argument("--init", choices=["static", "static-saturated", "random"], default="static",
+                   help="static (default): start the router exactly at the static router, free to leave it; "
+                        "static-saturated: the first such start (steep slope, near-zero free units: it does not "
+                        "leave it); random: default init")
     t.add_argument("--sparsity-weight", type=float, default=10.0, help="weight of the one-sided sparsity loss (default: 10)")
     t.add_argument("--guide-weight", type=float, default=1.0, help="initial weight of the guide loss (default: 1)")
     t.add_argument("--guide-steps", type=int, default=None, help="steps over which the guide weight decays to 0 (default: steps/2)")
@@ -209,7 +214,7 @@ def cmd_train(args) -> int:
             info = train_pruner(model, chunks, reference, args.out, schedule, cfg, target_sparsity=args.sparsity,
                                 router_kind=args.router, search_config=_search_config(args),
                                 finetune_generations=args.finetune_generations, resume=args.resume,
-                                provenance={"training": {"data": str(args.data), "seq_len": args.seq_len},
+                                provenance={"training": {"data": [str(d) for d in args.data], "seq_len": args.seq_len},
                                             "search_schedule": args.schedule})
     except Interrupted as e:  # the state is saved: say where, and how to continue
         print(f"\nturbolm: {e}", file=sys.stderr)

@@ -61,6 +61,17 @@ def _json_line(line: str):
         return _INVALID_JSON
 
 
+def row_text(row) -> str | None:
+    """The text of a plain-text row (``{"text": ...}``, e.g. an encyclopedia article), or None for
+    a chat row (MBPP's ``text`` is a task, with its ``code``)."""
+    if isinstance(row, dict) and isinstance(row.get("text"), str) and not CHAT_KEYS & row.keys():
+        return row["text"]
+    return None
+
+
+CHAT_KEYS = frozenset({"conversations", "messages", "instruction", "question", "code"})
+
+
 def row_messages(row) -> list[dict]:
     """The chat in an Alpaca or ShareGPT row as ``[{"role", "content"}, ...]``, ending with its
     last assistant turn. Raises ``SkipRow`` with the reason for a malformed row."""

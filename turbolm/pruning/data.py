@@ -1,11 +1,14 @@
-"""Text for the sparsity search and router training: chat rows rendered and packed into chunks.
+"""Text for the sparsity search and router training: rows rendered and packed into chunks.
 
-Rows are Alpaca (``instruction``/``input``/``output``) or ShareGPT (``conversations``), read by
-the same reader as the draft data (malformed rows are counted and skipped). Each row is
-rendered with the model's chat template, the renderings are concatenated and cut into
-``seq_len``-token chunks. The first ``calibration`` chunks are held out for the sparsity
+Rows are chat rows - Alpaca (``instruction``/``input``/``output``), ShareGPT (``conversations``)
+and the other forms the draft data reads (malformed rows are counted and skipped), rendered with
+the model's chat template - or plain-text rows (``{"text": ...}``, e.g. encyclopedia articles),
+tokenized as they are and closed with the end-of-sequence token. Each source is concatenated and
+cut into ``seq_len``-token chunks. The first ``calibration`` chunks are held out for the sparsity
 search and evaluation, the following ones are for training, so the two never overlap (and
-the held-out set does not depend on how much training data is read).
+the held-out set does not depend on how much training data is read). Several sources (a
+mixture, e.g. general text with instruction data) share both sets evenly: each gives its share
+of the held-out chunks from its own beginning, and the training chunks alternate between them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from ..core.chat import encode_chat
 from ..core.errors import ParameterError
-from ..core.rows import SkipRow, read_rows, row_messages
+from ..core.rows import SkipRow, read_rows, row_messages, row_text
 
 
 @dataclass
@@ -34,22 +37,46 @@ class Chunks:
                 f"{len(self.calibration)} calibration chunks of {self.calibration.shape[1]} tokens")
 
 
-def pack_rows(tokenizer, path: str | os.PathLike, seq_len: int, calibration: int,
-              max_train: int | None = None) -> Chunks:
+def pack_rows(tokenizer, path, seq_len: int, calibration: int, max_train: int | None = None) -> Chunks:
+    """``path``: one file, or a list of files to mix (see the module docstring)."""
     if seq_len < 2:
         raise ParameterError(f"{{}} must be at least 2, got {seq_len}", "seq_len")
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise ParameterError("give at least one {} file", "data")
+    shares = [calibration // len(paths) + (i < calibration % len(paths)) for i in range(len(paths))]
+    train_shares = (None if max_train is None else
+                    [max_train // len(paths) + (i < max_train % len(paths)) for i in range(len(paths))])
+    parts = [_pack_one(tokenizer, p, seq_len, c, None if train_shares is None else train_shares[i])
+             for i, (p, c) in enumerate(zip(paths, shares))]
+    calib = torch.cat([c.calibration for c in parts])
+    longest = max(len(c.train) for c in parts)
+    train = [c.train[i] for i in range(longest) for c in parts if i < len(c.train)]  # alternating sources
+    train = torch.stack(train) if train else calib[:0]
+    skipped: Counter = Counter()
+    for c in parts:
+        skipped.update(c.skipped)
+    return Chunks(train=train, calibration=calib, rows=sum(c.rows for c in parts), skipped=dict(skipped))
+
+
+def _pack_one(tokenizer, path, seq_len: int, calibration: int, max_train: int | None) -> Chunks:
     rows = read_rows(path)
     skipped: Counter = Counter()
     stream: list[int] = []
     need = None if max_train is None else (max_train + calibration) * seq_len
     used = 0
+    eos = tokenizer.eos_token_id
     for row in rows:
-        try:
-            messages = row_messages(row)
-        except SkipRow as e:
-            skipped[str(e)] += 1
-            continue
-        stream.extend(encode_chat(tokenizer, messages, add_generation_prompt=False))
+        text = row_text(row)
+        if text is not None:
+            stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + ([] if eos is None else [eos]))
+        else:
+            try:
+                messages = row_messages(row)
+            except SkipRow as e:
+                skipped[str(e)] += 1
+                continue
+            stream.extend(encode_chat(tokenizer, messages, add_generation_prompt=False))
         used += 1
         if need is not None and len(stream) >= need:
             break

@@ -56,22 +56,34 @@ class LearnedRouter(nn.Module):
         self.threshold = threshold
 
     @torch.no_grad()
-    def init_static(self, slope: float = 20.0, noise: float = 0.01) -> LearnedRouter:
-        """Start from the static router: score = slope * (position - sparsity), exactly, plus
-        small random weights elsewhere. Two hidden units make it linear (GELU(z) - GELU(-z) = z),
-        so the ranking is the static one (most recent first) and sigmoid(score) >= 0.5 exactly
-        for the tokens the static rule keeps (position >= the block's sparsity): the one-sided
-        sparsity loss starts at ~0 and decoding keeps the newest token. Without the position or
-        sparsity input (an ablation) the default random start is kept."""
+    def init_static(self, slope: float = 4.0, saturated: bool = False, noise: float = 0.01) -> LearnedRouter:
+        """Start from the static router: score = slope * (position - sparsity) exactly. Two hidden
+        units make it linear (GELU(z) - GELU(-z) = z), so the ranking is the static one (most recent
+        first) and sigmoid(score) >= 0.5 exactly for the tokens the static rule keeps (position >=
+        the block's sparsity): the one-sided sparsity loss starts at ~0 and decoding keeps the
+        newest token. The other hidden units keep their default (random) input weights and get
+        zero output weights: the start is exactly static, and each such unit's output weight gets
+        a gradient of the size of its activation, so training can move away from the static rule
+        along the attention and rank inputs. The gentle ``slope`` keeps sigmoid(score) - the
+        straight-through gates' gradient - unsaturated over most tokens.
+
+        ``saturated``: the first start (slope 20, every other weight scaled by ``noise``): the
+        gates' sigmoid saturates and both layers of the free units are ~0, so their gradients are
+        products of small numbers - the router never left this start (kept for that ablation).
+        Without the position or sparsity input (an ablation) the default random start is kept."""
         if "position" not in self.inputs or "sparsity" not in self.inputs:
             return self
-        for p in self.parameters():
-            p.mul_(noise)
+        if saturated:
+            slope = 20.0
+            for p in self.parameters():
+                p.mul_(noise)
         w1, w2 = self.net[0].weight, self.net[2].weight
         w1[:2].zero_()
         w1[0, 0], w1[0, 3] = 1.0, -1.0   # z = position - sparsity
         w1[1, 0], w1[1, 3] = -1.0, 1.0   # -z
         self.net[0].bias[:2] = 0.0
+        if not saturated:
+            w2.zero_()
         w2[0, 0], w2[0, 1] = slope, -slope
         self.net[2].bias.zero_()
         return self

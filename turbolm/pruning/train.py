@@ -39,7 +39,7 @@ class RouterTrainConfig:
     steps: int = 200
     batch_size: int = 4
     lr: float = 1e-3
-    init: str = "static"  # "static": start from the static router's ranking (LearnedRouter.init_static); "random"
+    init: str = "static"  # "static": start at the static router (LearnedRouter.init_static); "static-saturated": the first such start; "random"
     sparsity_weight: float = 10.0
     guide_weight: float = 1.0
     guide_steps: int = 100
@@ -136,8 +136,8 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     torch.manual_seed(cfg.seed)
     if router is None:
         router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs))
-        if cfg.init == "static":
-            router.init_static()
+        if cfg.init in ("static", "static-saturated"):
+            router.init_static(saturated=cfg.init == "static-saturated")
     router = router.to(device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "seconds": 0.0, "config": asdict(cfg), "best_kl": None, "best_step": None}
