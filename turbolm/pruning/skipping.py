@@ -9,10 +9,11 @@ hidden state (residual pass-through). So a block costs what its kept tokens cost
 - The first token of a sequence (the attention sink) is always kept.
 - ``dense_kv=True``: skipped tokens still provide keys/values - what running the block on every
   token and resetting the skipped ones to their input gives ("kept queries attend to all
-  keys"). It costs little more than the default: a skipped token's keys/values come from its
-  input to the block (its norm and k/v projections only), are written to the cache first, and
-  the block then runs the kept tokens, attending to every key at an earlier position; the new
-  cache entries are put back in position order, so every block's cache holds every token.
+  keys"), without running the block on the skipped tokens: a skipped token's keys/values come
+  from its input to the block (its norm and k/v projections only), are written to the cache
+  first, and the block then runs the kept tokens, attending to every key at an earlier position
+  (an explicit mask, so not sdpa's causal kernel: on a CPU this prefill costs about what the
+  dense one does); the new cache entries are put back in position order.
 - ``prefill_only=True``: only a forward that starts a sequence (the prompt, into an empty KV
   cache) skips tokens; every later forward - one new token, or a speculative tree - runs the
   dense model on that cache. So any decoding method (vanilla, speculative) runs unchanged after
@@ -376,7 +377,7 @@ class TokenPruner(ModelPatch):
                 fw.cos.gather(1, g.expand(B, n, hd)), fw.sin.gather(1, g.expand(B, n, hd)))
 
     def _prefill_dense_kv(self, idx, orig, hidden, args, kwargs, fw, keep_idx, h_sub, pos_sub, cos_sub, sin_sub):
-        """dense_kv at the kept tokens' cost: each skipped token's keys/values (from its input
+        """dense_kv without running the block on skipped tokens: each one's keys/values (from its input
         to the block) are written to the cache first, then the kept tokens run the block,
         attending to every earlier key; the new entries are then put in position order, so the
         block's cache holds one entry per position. Without a KV cache the block gets one of its
