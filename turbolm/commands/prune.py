@@ -51,8 +51,8 @@ def _pruner_args(p) -> None:
     p.add_argument("--sparsity", type=float, default=None, help="uniform sparsity for --router static/random without --pruner")
     p.add_argument("--schedule", default=None, help="per-block schedule from a search file (with --router static/random)")
     p.add_argument("--dense-kv", action="store_true",
-                   help="skipped tokens still provide keys/values (from their input to the block; costs their k/v "
-                        "projections only)")
+                   help="skipped tokens still provide keys/values, from their input to the block (the ablation: "
+                        "far worse on the shipped pruners, and about dense prefill time on a CPU)")
     p.add_argument("--prefill-only", action="store_true",
                    help="only the prompt skips tokens; every new token runs the dense model (what `turbolm generate "
                         "--pruner` does)")
