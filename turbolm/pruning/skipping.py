@@ -118,7 +118,7 @@ class _Sequence:
         # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None,
         # and the mask row that hides them (B, 1, 1, prompt; built on first use)
         self.holes: list[torch.Tensor | None] = [None] * num_layers
-        self.hole_bias: list[torch.Tensor | None] = [None] * num_layers
+        self.visible: list[torch.Tensor | None] = [None] * num_layers
 
 
 @dataclass
@@ -352,7 +352,7 @@ class TokenPruner(ModelPatch):
         rows = torch.arange(T, device=keep_idx.device).expand(B, T)
         self._position_order(idx, layer, n_past, T, torch.cat([keep_idx, rows[skipped].view(B, T - K)], 1))
         fw.sequence.holes[idx] = skipped
-        fw.sequence.hole_bias[idx] = None
+        fw.sequence.visible[idx] = None
 
     @staticmethod
     def _position_order(idx, layer, n_past, T, rows):
@@ -414,9 +414,9 @@ class TokenPruner(ModelPatch):
         B, T, _ = hidden.shape
         n_past = cache_of(kwargs).layers[idx].keys.shape[2]
         n = min(holes.shape[1], n_past)
-        if seq.hole_bias[idx] is None:  # (B, 1, 1, prompt): True where a query may look
-            seq.hole_bias[idx] = ~holes[:, None, None, :]
-        visible = torch.nn.functional.pad(seq.hole_bias[idx][..., :n], (0, n_past + T - n), value=True)
+        if seq.visible[idx] is None:  # (B, 1, 1, prompt): True where a query may look
+            seq.visible[idx] = ~holes[:, None, None, :]
+        visible = torch.nn.functional.pad(seq.visible[idx][..., :n], (0, n_past + T - n), value=True)
         mask = kwargs.get("attention_mask")
         if mask is None and T == 1:
             mask = visible
