@@ -47,6 +47,7 @@ def test_errors_are_one_line(capsys, tiny_dir, args, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow  # a fresh interpreter (~6 s): with the slow tests, to keep make test-fast short
 def test_missing_model_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "turbolm.cli", "generate", "--prompt", "hi", "--model", str(tmp_path / "x")],
                        capture_output=True, text=True)

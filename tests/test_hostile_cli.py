@@ -61,6 +61,7 @@ def test_sampling_options_are_checked_before_the_model_loads(tmp_path):
     assert_clean_error(result, "--temperature")
 
 
+@pytest.mark.slow  # a fresh interpreter (~6 s): with the slow tests, to keep make test-fast short
 def test_version(tmp_path):
     (result,) = run_cli_cases([Case(["--version"])], tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"turbolm {__version__}"
@@ -110,6 +111,7 @@ def run_python(code: str):
     return subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a fresh interpreter (~6 s): with the slow tests, to keep make test-fast short
 def test_unknown_subcommand_is_argparse_usage():
     result = run_turbolm("frobnicate")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "invalid choice" in result.stderr

@@ -239,6 +239,7 @@ def test_errors_in_process(fake_llama_cpp, tiny_dir, tmp_path, capsys):
     assert "unknown method llama-cpp-lookup" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter (~6 s): with the slow tests, to keep make test-fast short
 def test_missing_package_through_the_cli(tmp_path):
     shadow = tmp_path / "shadow" / "llama_cpp"
     shadow.mkdir(parents=True)
