@@ -115,9 +115,8 @@ class _Sequence:
         self.length = 0
         self.attention = torch.empty(batch, 0, device=device)
         self.key_positions: list[torch.Tensor | None] = [None] * num_layers
-        # prefill_only: per block, which cached positions are placeholders (B, prompt) - or None,
-        # and the mask row that hides them (B, 1, 1, prompt; built on first use)
-        self.holes: list[torch.Tensor | None] = [None] * num_layers
+        # prefill_only: per block, which prompt positions later queries may see (B, 1, 1, prompt;
+        # False at placeholders) - or None where the block skipped nothing
         self.visible: list[torch.Tensor | None] = [None] * num_layers
 
 
@@ -348,11 +347,9 @@ class TokenPruner(ModelPatch):
         layer = cache.layers[idx]
         zeros = layer.keys.new_zeros(B, layer.keys.shape[1], T - K, layer.keys.shape[3])
         cache.update(zeros, zeros.clone(), idx)
-        skipped = torch.ones(B, T, dtype=torch.bool, device=keep_idx.device).scatter_(1, keep_idx, False)
-        rows = torch.arange(T, device=keep_idx.device).expand(B, T)
-        self._position_order(idx, layer, n_past, T, torch.cat([keep_idx, rows[skipped].view(B, T - K)], 1))
-        fw.sequence.holes[idx] = skipped
-        fw.sequence.visible[idx] = None
+        skipped, skip_idx = _skipped_rows(keep_idx, T)
+        self._position_order(idx, layer, n_past, T, torch.cat([keep_idx, skip_idx], 1))
+        fw.sequence.visible[idx] = ~skipped[:, None, None, :]
 
     @staticmethod
     def _position_order(idx, layer, n_past, T, rows):
@@ -384,8 +381,7 @@ class TokenPruner(ModelPatch):
         own for this forward."""
         B, T, D = hidden.shape
         K = keep_idx.shape[1]
-        skipped = torch.ones(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, keep_idx, False)
-        skip_idx = torch.arange(T, device=hidden.device).expand(B, T)[skipped].view(B, T - K)
+        skip_idx = _skipped_rows(keep_idx, T)[1]
         h_skip, pos_skip, cos_skip, sin_skip = self._rows(hidden, fw, skip_idx)
         given = cache_of(kwargs)
         cache = given if given is not None else growing_cache()
@@ -407,16 +403,13 @@ class TokenPruner(ModelPatch):
     def _dense_block(self, idx, orig, hidden, args, kwargs, fw):
         """prefill_only after the prompt: the unmodified layer, its queries masked from the
         placeholders the prompt left in this block's cache."""
-        holes = fw.sequence.holes[idx] if fw.sequence is not None else None
-        if holes is None:
+        prompt = fw.sequence.visible[idx] if fw.sequence is not None else None
+        if prompt is None:
             return orig(hidden, *args, **kwargs)
-        seq = fw.sequence
         B, T, _ = hidden.shape
         n_past = cache_of(kwargs).layers[idx].keys.shape[2]
-        n = min(holes.shape[1], n_past)
-        if seq.visible[idx] is None:  # (B, 1, 1, prompt): True where a query may look
-            seq.visible[idx] = ~holes[:, None, None, :]
-        visible = torch.nn.functional.pad(seq.visible[idx][..., :n], (0, n_past + T - n), value=True)
+        n = min(prompt.shape[-1], n_past)
+        visible = torch.nn.functional.pad(prompt[..., :n], (0, n_past + T - n), value=True)
         mask = kwargs.get("attention_mask")
         if mask is None and T == 1:
             mask = visible
@@ -546,6 +539,14 @@ class TokenPruner(ModelPatch):
             k_pos = key_positions
         probs = received_attention(q, q_pos, keys, k_pos, attn.scaling)
         seq.attention.scatter_(1, k_pos, attention_value(probs).to(seq.attention.dtype))
+
+
+def _skipped_rows(keep_idx: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For kept rows ``keep_idx`` (B, K) of a T-token forward: the skipped mask (B, T) and the
+    skipped rows in order (B, T - K)."""
+    B, K = keep_idx.shape
+    skipped = torch.ones(B, T, dtype=torch.bool, device=keep_idx.device).scatter_(1, keep_idx, False)
+    return skipped, torch.arange(T, device=keep_idx.device).expand(B, T)[skipped].view(B, T - K)
 
 
 def cache_of(kwargs):
