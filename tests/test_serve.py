@@ -368,7 +368,8 @@ def test_serve_flag_errors(capsys, tiny_dir):
 
     for args, words in ((["--max-batch", "0"], "--max-batch must be >= 1"),
                         (["--request-timeout", "0"], "--request-timeout must be > 0"),
-                        (["--speculative", "prompt-lookup", "--draft", "x"], "--draft is not used")):
+                        (["--speculative", "prompt-lookup", "--draft", "x"], "--draft is not used"),
+                        (["--pruner", str(tiny_dir / "no-such-pruner"), "--port", "0"], "no-such-pruner")):
         assert main(["serve", "--model", str(tiny_dir), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("turbolm: error:") and words in err, err
@@ -463,3 +464,137 @@ def test_batching_other_architectures(tiny_dirs, arch):
     prompts = [tok(p)["input_ids"] for p in ("Hello", "The capital of France is Paris.", "def add(a, b):")]
     events = run_jobs(model, tok, [Job(p, 6 + 3 * i) for i, p in enumerate(prompts)])
     assert [e[-1].text for e in events] == [generate(model, tok, p, 6 + 3 * i).text for i, p in enumerate(prompts)]
+
+
+def test_pruned_prefill_rows_decode_as_alone(tiny):
+    """With a prefill_only token pruner attached (``serve --pruner``), every request - one alone,
+    several joining and leaving one batch - decodes exactly what vanilla decoding gives after the
+    same pruned prefill: each row's cache keeps its own placeholder masks."""
+    from turbolm.pruning import StaticRouter, TokenPruner
+
+    model, tok = tiny
+    n = model.config.num_hidden_layers
+    texts = ("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is",
+             "def add(a, b):\n    return a + b\n\ndef sub(a, b):", "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12",
+             "Write a short poem about the sea, the sky and the long road home")
+    prompts = [tok(t)["input_ids"] for t in texts]
+    lengths = (14, 6, 20, 11)
+    dense = [generate(model, tok, p, k).token_ids for p, k in zip(prompts, lengths)]
+    with TokenPruner(model, StaticRouter(), [0.4] * n, prefill_only=True) as pruner:
+        refs = [generate(model, tok, p, k) for p, k in zip(prompts, lengths)]
+        assert pruner.stats.prefill_sparsity > 0.3
+        assert [r.token_ids for r in refs] != dense  # the pruned prefill changes the answers
+        metrics = Metrics("tiny", lambda: 0, lambda: 0)
+        events = run_jobs(model, tok, [Job(p, k) for p, k in zip(prompts * 2, lengths * 2)], metrics=metrics)
+        alone = run_jobs(model, tok, [Job(prompts[0], lengths[0])], max_batch=1)
+    assert [e[-1].text for e in events] == [r.text for r in refs] * 2
+    assert alone[0][-1].text == refs[0].text
+    assert metrics.registry.get_sample_value("turbolm:batch_size_sum", {"model_name": "tiny"}) > \
+        metrics.registry.get_sample_value("turbolm:batch_size_count", {"model_name": "tiny"})  # rows shared steps
+
+
+# -- turbolm bench serve ----------------------------------------------------------------------
+
+
+def _questions(path):
+    rows = [{"question_id": i, "category": cat, "turns": [text]} for i, (cat, text) in enumerate([
+        ("writing", "Write a haiku about the sea."), ("math", "What is 12 times 7?"),
+        ("coding", "def add(a, b):"), ("qa", "Name a colour."),
+        ("summarization", "The river rose all night and by morning the town square was under water. " * 6),
+        ("rag", "Paris is the capital of France. It lies on the Seine and has two million people. " * 6)])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bench_serve_prompts_and_report(tiny, tmp_path):
+    """The prompts (short ones spread over categories, long ones joined to the asked length) and the
+    report from measured levels (no server: the table, the ratios and the lossless count)."""
+    from turbolm.bench.serve import ServeBenchConfig, _lossless, markdown, prompts
+    from turbolm.core.errors import ParameterError
+
+    _, tok = tiny
+    config = ServeBenchConfig(str(_questions(tmp_path / "q.jsonl")), clients=(1, 2), requests=2, long_requests=2,
+                              long_prompt_tokens=300, max_prompt_tokens=40)
+    short, long = prompts(config, tok)
+    assert len(short) == 4 and len(set(short)) == 4 and all(len(tok(s)["input_ids"]) < 40 for s in short)
+    assert len(long) == 2 and all(abs(len(encode_chat(tok, [{"role": "user", "content": t}])) - 300) <= 2 for t in long)
+    assert long[0] != long[1]
+    with pytest.raises(ParameterError, match="configs"):
+        ServeBenchConfig("q", configs=["fast"]).check()
+    with pytest.raises(ParameterError, match="clients"):
+        ServeBenchConfig("q", clients=[0]).check()
+    from turbolm.cli import main
+
+    assert main(["bench", "serve", "--questions", "q.jsonl", "--clients", "1,many"]) == 2
+    assert main(["bench", "serve", "--questions", "q.jsonl", "--configs", "batched,turbo"]) == 2
+
+    def result(tps, answers):
+        return {"flags": ["--max-batch", "1"], "levels": [
+            {"clients": c, "tokens_per_second": t, "ttft_s_p50": 0.1, "ttft_s_p99": 0.2, "itl_ms_p50": 50.0,
+             "itl_ms_p99": 90.0, "peak_mb": 900} for c, t in zip((1, 2), tps)],
+            "answers": answers, "answers_changed_across_levels": 0}
+
+    results = {"vanilla": result((10.0, 10.0), {"0": "a", "1": "b"}),
+               "batched": result((10.0, 18.0), {"0": "a", "1": "b"}),
+               "speculative": result((15.0, 17.0), {"0": "a", "1": "c"}),
+               "ftp": result((10.0, 18.0), {"0": "x", "1": "y"})}
+    long = {"configs": list(results), "ttft_s": {"vanilla": [3.0, 3.2], "batched": [3.0, 3.0], "speculative": [3.1, 3.0],
+                                                 "ftp": [2.0, 2.0]}}
+    lossless = _lossless(results)
+    assert lossless == {"batched": {"compared": 2, "differing": 0}, "speculative": {"compared": 2, "differing": 1}}
+    machine = {"cpu": "test CPU", "cpu_count": 2, "gpu": None, "torch_threads": 2, "torch": "t", "transformers": "x",
+               "turbolm": None}
+    text = markdown({"config": {**vars(config), "model": None}, "machine": machine, "long_prompt_tokens": [300, 310],
+                     "results": results, "long": long, "lossless": lossless}, ["serve.png"])
+    assert "| batched | 2 | 18.0 | 1.80x |" in text
+    assert "| ftp | 2.00 | 2.00, 2.00 | 1.50x lower |" in text and "| batched | 3.00 | 3.00, 3.00 | - |" in text
+    assert "speculative: 1 of 2 prompts" in text and "test CPU" in text
+
+
+@pytest.mark.slow
+def test_bench_serve_end_to_end(tiny_dir, tmp_path, capsys):
+    """`turbolm bench serve` on the tiny model: four real servers, two levels, the long prompts; the
+    report holds every configuration; greedy answers of batched and speculative equal vanilla's;
+    a re-run keeps what was measured."""
+    from turbolm.cli import main
+    from turbolm.pruning import StaticRouter
+    from turbolm.pruning.checkpoint import pruner_config, save_pruner
+
+    model, _ = load_target(tiny_dir)
+    save_pruner(tmp_path / "p", pruner_config(model, StaticRouter(), [0.5, 0.5], target_sparsity=0.5), StaticRouter())
+    argv = ["bench", "serve", "--model", str(tiny_dir), "--questions", str(_questions(tmp_path / "q.jsonl")),
+            "--clients", "1,3", "--requests", "2", "--max-tokens", "8", "--max-prompt-tokens", "40",
+            "--long-prompt-tokens", "200", "--long-requests", "1", "--speculative", "prompt-lookup",
+            "--pruner", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--threads", "1"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["results"]) == ["vanilla", "batched", "speculative", "ftp"]
+    for r in report["results"].values():
+        assert [lv["clients"] for lv in r["levels"]] == [1, 3] and r["answers_changed_across_levels"] == 0
+        assert all(lv["tokens"] > 0 and lv["requests"] == 2 * lv["clients"] for lv in r["levels"])
+    long = report["long"]["ttft_s"]
+    assert list(long) == list(report["results"]) and all(len(ts) == 1 and ts[0] > 0 for ts in long.values())
+    assert "--pruner" in report["results"]["ftp"]["flags"] and "--max-batch" in report["results"]["vanilla"]["flags"]
+    assert report["lossless"]["batched"]["differing"] == report["lossless"]["speculative"]["differing"] == 0
+    assert (tmp_path / "out" / "serve.png").is_file() and "| ftp |" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--threads", "1", "--configs", "batched"]) == 0  # kept, not measured again
+    err = capsys.readouterr().err
+    assert "batched: kept" in err and "TTFT" not in err and "turbolm serve:" not in err
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(again["results"]) == list(report["results"]) and again["long"] == report["long"]
+
+
+def test_in_passing_thread():
+    """The set-up helper of `turbolm serve`: the result, or the exception, from a thread that has ended."""
+    from turbolm.core.errors import TurboLMError
+    from turbolm.core.machine import in_passing_thread
+
+    seen = []
+    assert in_passing_thread(lambda a, b=0: seen.append(threading.current_thread()) or a + b, 2, b=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise TurboLMError("no model here")
+
+    with pytest.raises(TurboLMError, match="no model here"):
+        in_passing_thread(fail)

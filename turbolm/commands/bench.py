@@ -1,4 +1,5 @@
-"""``turbolm bench spec``: Spec-Bench - every decoding method on the same questions, in one process."""
+"""``turbolm bench spec``: Spec-Bench - every decoding method on the same questions, in one process;
+``turbolm bench serve``: ``turbolm serve`` under concurrent clients, in several configurations."""
 
 from __future__ import annotations
 
@@ -59,6 +60,64 @@ def register(sub) -> None:
                        help="measure again into --out; the old results are replaced when the new run is complete or "
                             "has measured as many questions (an interrupted shorter run leaves them)")
     p.set_defaults(run=run, flags=FLAGS)
+    register_serve(kinds)
+
+
+def register_serve(kinds) -> None:
+    from ..bench.serve import CONFIGS, DEFAULT_PRUNER, ServeBenchConfig
+
+    d = ServeBenchConfig("")
+    p = kinds.add_parser("serve", help="turbolm serve under 1..N concurrent streaming clients, in several server "
+                                       "configurations: tokens/s, time to first token, inter-token latency, memory")
+    p.add_argument("--questions", required=True, help="Spec-Bench jsonl: short first turns are the requests; "
+                                                      "summarization / RAG turns build the long prompts")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma list of vanilla (one request at a time), batched (continuous batching), speculative "
+                        "(+ --speculative for requests that arrive to an idle server), ftp (+ --pruner: FTP prefill) "
+                        "(default: all)")
+    p.add_argument("--clients", default=",".join(map(str, d.clients)),
+                   help=f"concurrency levels, comma list (default: {','.join(map(str, d.clients))})")
+    p.add_argument("--requests", type=int, default=d.requests,
+                   help=f"requests per level: this many times the clients, in one queue (default: {d.requests})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"max_tokens per request (default: {d.max_tokens})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help=f"the short prompts: first turns of at most this many tokens (default: {d.max_prompt_tokens})")
+    p.add_argument("--long-prompt-tokens", type=int, default=d.long_prompt_tokens,
+                   help=f"length of the long prompts, sent one at a time for their time to first token (default: "
+                        f"{d.long_prompt_tokens})")
+    p.add_argument("--long-requests", type=int, default=d.long_requests,
+                   help=f"how many long prompts (default: {d.long_requests}; 0: none)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"the servers' --max-batch (default: {d.max_batch})")
+    p.add_argument("--speculative", default=d.speculative, help=f"method of configuration speculative (default: "
+                                                                f"{d.speculative})")
+    p.add_argument("--pruner", default=DEFAULT_PRUNER, help="pruner of configuration ftp (default: the shipped 30%% one)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: torch's default)")
+    add_model_args(p)
+    p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); the configurations it holds are "
+                                                "kept (same settings) unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="measure every configuration again")
+    p.set_defaults(run=run_serve, flags={"clients": "--clients", "configs": "--configs"})
+
+
+def run_serve(args) -> int:
+    from ..bench.serve import ServeBenchConfig, run_serve_bench
+
+    try:
+        clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        raise ParameterError(f"{{}} must be a comma list of counts, got {args.clients!r}", "clients") from None
+    config = ServeBenchConfig(
+        questions=args.questions, out=args.out, configs=[c.strip() for c in args.configs.split(",")], clients=clients,
+        requests=args.requests, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        long_prompt_tokens=args.long_prompt_tokens, long_requests=args.long_requests, max_batch=args.max_batch,
+        speculative=args.speculative, pruner=args.pruner, model=args.model, dtype=args.dtype, threads=args.threads,
+        overwrite=args.overwrite,
+        server_args=([] if args.fast_cpu == "auto" else ["--fast-cpu", args.fast_cpu])
+        + ([] if args.device == "cpu" else ["--device", args.device]))
+    with sigterm_as_interrupt():
+        run_serve_bench(config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print((Path(args.out) / "report.md").read_text())
+    return 0
 
 
 def run(args) -> int:

@@ -84,12 +84,24 @@ def register(sub) -> None:
     add_model_args(g)
     add_sampling_args(g)
     add_speculative_args(g)
-    g.add_argument("--pruner", default=None,
-                   help="FTP pruner checkpoint (e.g. turbolm/checkpoints/ftp-smollm2-135m-s30): the prompt is prefilled "
-                        "with token skipping (skipped tokens still give keys/values), then the answer is decoded by the "
-                        "dense model with --speculative's method; the output is exactly what vanilla decoding writes "
-                        "after the same pruned prefill (not the unpruned model's)")
+    add_pruner_arg(g)
     g.set_defaults(run=run, flags=FLAGS)
+
+
+def add_pruner_arg(parser) -> None:
+    """``--pruner``: FTP prefill before any decoding method (``generate``, ``serve``)."""
+    parser.add_argument("--pruner", default=None,
+                        help="FTP pruner checkpoint (e.g. turbolm/checkpoints/ftp-smollm2-135m-s30): each prompt is "
+                             "prefilled with token skipping, then the answer is decoded by the dense model with "
+                             "--speculative's method; the output is exactly what vanilla decoding writes after the same "
+                             "pruned prefill (not the unpruned model's)")
+
+
+def prefill_pruner(model, tokenizer, checkpoint: str):
+    """The ``--pruner`` checkpoint as a prefill_only pruned model (not attached)."""
+    from ..pruning import PrunerSpec, build_pruned
+
+    return build_pruned(model, tokenizer, PrunerSpec(checkpoint=checkpoint, prefill_only=True))
 
 
 def run(args) -> int:
@@ -106,11 +118,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args)
     ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
     decoder = build(model, tokenizer, spec)  # before the pruner: --tree auto times the dense target
-    pruned = None
-    if args.pruner:
-        from ..pruning import PrunerSpec, build_pruned
-
-        pruned = build_pruned(model, tokenizer, PrunerSpec(checkpoint=args.pruner, prefill_only=True))
+    pruned = prefill_pruner(model, tokenizer, args.pruner) if args.pruner else None
     with pruned or nullcontext():
         result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=params, stop=args.stop,
                                   on_text=None if args.json else write_out)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import nullcontext
 
 from ..core.errors import TurboLMError
+from ..core.machine import in_passing_thread
 from .common import add_model_args, load_model
-from .generate import FLAGS, add_speculative_args, build, decoder_spec
+from .generate import FLAGS, add_pruner_arg, add_speculative_args, build, decoder_spec, prefill_pruner
 
 API_KEY_ENV = "TURBOLM_API_KEY"
 
@@ -19,6 +21,7 @@ def register(sub) -> None:
                                      "concurrent requests, speculative decoding at low load)")
     add_model_args(s)
     add_speculative_args(s)
+    add_pruner_arg(s)
     n = s.add_argument_group("server")
     n.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
                                                        "0.0.0.0: every interface)")
@@ -50,17 +53,25 @@ def run(args) -> int:
     check_limits(args.max_batch, args.max_queue, args.request_timeout)
     spec = decoder_spec(args)
     listener = listen(args.host, args.port)  # before the model loads: a port in use fails at once
-    model, tokenizer = load_model(args)
-    decoder = build(model, tokenizer, spec) if spec.method != "none" else None
+
+    def setup():
+        model, tokenizer = load_model(args)
+        decoder = build(model, tokenizer, spec) if spec.method != "none" else None  # --tree auto times the dense model
+        pruned = prefill_pruner(model, tokenizer, args.pruner) if args.pruner else None
+        return model, tokenizer, decoder, pruned
+
+    # the scheduler's thread runs the model: set it up in a thread that ends (core.machine, threads)
+    model, tokenizer, decoder, pruned = in_passing_thread(setup)
     app = create_app(model, tokenizer, decoder, model_name=args.model_name,
                      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout)
     host, port = listener.getsockname()[:2]
+    pruning = f", FTP prefill: {pruned.name}" if pruned is not None else ""
     print(f"turbolm serve: {app.state.model_name} at http://{args.host if ':' not in host else f'[{host}]'}:{port}/v1 "
-          f"(speculative: {spec.method}, batch {app.state.scheduler.max_batch}, queue {args.max_queue}); "
+          f"(speculative: {spec.method}{pruning}, batch {app.state.scheduler.max_batch}, queue {args.max_queue}); "
           "Ctrl-C or SIGTERM stops it after the requests in flight", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.request_timeout)
-    with sigterm_as_interrupt():  # uvicorn drains, then raises the signal again: turbolm exits as on Ctrl-C
+    with sigterm_as_interrupt(), pruned or nullcontext():  # uvicorn drains, then raises the signal: exit as on Ctrl-C
         uvicorn.Server(config).run(sockets=[listener])
     return 0
 

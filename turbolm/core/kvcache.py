@@ -50,10 +50,18 @@ def append_in_place(view: torch.Tensor | None, buffer: torch.Tensor | None, new:
 
 
 class GrowingLayer(DynamicLayer):
-    """transformers' full-attention cache layer, appending in place (``append_in_place``)."""
+    """transformers' full-attention cache layer, appending in place (``append_in_place``).
+
+    ``visible``: which of the layer's first entries later queries may attend to (bool, ``[batch,
+    1, 1, n]``; entries past ``n`` are all visible), or None: every entry. A ``prefill_only``
+    token pruner sets it to hide the placeholders its skipped tokens leave
+    (:mod:`turbolm.pruning.skipping`); whatever batches or reorders rows keeps it with them
+    (:mod:`turbolm.serving.batch`).
+    """
 
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -63,7 +71,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self.visible = None
         super().reset()
 
 

@@ -115,9 +115,6 @@ class _Sequence:
         self.length = 0
         self.attention = torch.empty(batch, 0, device=device)
         self.key_positions: list[torch.Tensor | None] = [None] * num_layers
-        # prefill_only: per block, which prompt positions later queries may see (B, 1, 1, prompt;
-        # False at placeholders) - or None where the block skipped nothing
-        self.visible: list[torch.Tensor | None] = [None] * num_layers
 
 
 @dataclass
@@ -337,10 +334,10 @@ class TokenPruner(ModelPatch):
         self._record_keys(idx, fw, cache, pos_sub)
         self._update_attention(idx, fw, cache, pos_sub, None, pos_sub, (cos_sub, sin_sub))
         if self.prefill_only and cache is not None:
-            self._leave_placeholders(idx, cache, keep_idx, n_past, T, fw)
+            self._leave_placeholders(idx, cache, keep_idx, n_past, T)
         return out
 
-    def _leave_placeholders(self, idx, cache, keep_idx, n_past, T, fw):
+    def _leave_placeholders(self, idx, cache, keep_idx, n_past, T):
         """prefill_only: give block ``idx``'s cache an entry per position - zeros where a token
         skipped the block, which every later query is masked from (:meth:`_dense_block`)."""
         B, K = keep_idx.shape
@@ -349,7 +346,7 @@ class TokenPruner(ModelPatch):
         cache.update(zeros, zeros.clone(), idx)
         skipped, skip_idx = _skipped_rows(keep_idx, T)
         self._position_order(idx, layer, n_past, T, torch.cat([keep_idx, skip_idx], 1))
-        fw.sequence.visible[idx] = ~skipped[:, None, None, :]
+        layer.visible = ~skipped[:, None, None, :]  # travels with the cache (batched, served: core.kvcache)
 
     @staticmethod
     def _position_order(idx, layer, n_past, T, rows):
@@ -402,12 +399,13 @@ class TokenPruner(ModelPatch):
 
     def _dense_block(self, idx, orig, hidden, args, kwargs, fw):
         """prefill_only after the prompt: the unmodified layer, its queries masked from the
-        placeholders the prompt left in this block's cache."""
-        prompt = fw.sequence.visible[idx] if fw.sequence is not None else None
+        placeholders the prompt left in this block's cache (the cache layer's ``visible``)."""
+        layer = cache_of(kwargs).layers[idx]
+        prompt = getattr(layer, "visible", None)
         if prompt is None:
             return orig(hidden, *args, **kwargs)
         B, T, _ = hidden.shape
-        n_past = cache_of(kwargs).layers[idx].keys.shape[2]
+        n_past = layer.keys.shape[2]
         n = min(prompt.shape[-1], n_past)
         visible = torch.nn.functional.pad(prompt[..., :n], (0, n_past + T - n), value=True)
         mask = kwargs.get("attention_mask")

@@ -60,7 +60,11 @@ def create_app(model, tokenizer, decoder=None, *, model_name: str | None = None,
     :class:`~.scheduler.Scheduler`); ``model_name``: the id clients name (default: the model's
     directory or file name); ``api_key``: required as ``Authorization: Bearer`` on /v1 routes;
     ``request_timeout``: seconds a request may take from arrival to its last token. The scheduler
-    starts and stops with the app's lifespan (stopping lets admitted requests finish)."""
+    starts and stops with the app's lifespan (stopping lets admitted requests finish).
+
+    The scheduler's thread runs the model: set the model up (load, ``build_decoder``, pruner) in
+    :func:`turbolm.core.machine.in_passing_thread`, as ``turbolm serve`` does, or every forward
+    may run up to ~1.6x slower (OpenMP's workers of two threads share the CPUs; see there)."""
     check_limits(max_batch, max_queue, request_timeout)
     if api_key is not None and not api_key:
         raise ParameterError("{} must not be empty", "api_key")

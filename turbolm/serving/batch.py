@@ -13,6 +13,11 @@ rows the logits are those of a B-row product, which float32 matrix kernels round
 from a 1-row product (~1e-6 relative, measured): a greedy row then gives the tokens decoding
 alone gives unless two candidates tie to that precision (docs/serving.md).
 
+A prefill_only token pruner (``turbolm serve --pruner``) leaves placeholders in a row's cache
+that the row's later queries are masked from (each cache layer's ``visible``,
+:mod:`turbolm.core.kvcache`): joining and leaving carry those masks with the rows, and the
+pruner applies them at every step, so a row decodes what it decodes alone after its pruned prefill.
+
 Sliding-window layers keep a cropped cache that cannot be padded this way: such models decode
 one request at a time (``Batch.max_rows`` is 1).
 """
@@ -128,6 +133,8 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
             layer.values = layer.values.index_select(0, index)[:, :, cut:]
+            if getattr(layer, "visible", None) is not None:
+                layer.visible = _visible(layer.visible, self.width, self.width, layer.keys).index_select(0, index)[..., cut:]
         self.width -= cut
 
     def _join(self, row: Row, cache) -> None:
@@ -137,6 +144,9 @@ class Batch:
             return
         width = max(self.width, row.length)
         for mine, theirs in zip(self.cache.layers, cache.layers):
+            if getattr(mine, "visible", None) is not None or getattr(theirs, "visible", None) is not None:
+                mine.visible = torch.cat([_visible(getattr(mine, "visible", None), self.width, width, mine.keys),
+                                          _visible(getattr(theirs, "visible", None), row.length, width, theirs.keys)])
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
         self.rows.append(row)
@@ -149,3 +159,14 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     if n == 0:
         return t
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+def _visible(mask: torch.Tensor | None, length: int, width: int, keys: torch.Tensor) -> torch.Tensor:
+    """A cache layer's ``visible`` mask (None: all visible) for its rows of ``length`` entries
+    (``keys``: the layer's keys, for their rows and device), as ``[rows, 1, 1, width]``: entries
+    past the mask visible, the left padding not."""
+    if mask is None:
+        mask = torch.ones(keys.shape[0], 1, 1, 0, dtype=torch.bool, device=keys.device)
+    mask = mask[..., :length]
+    right = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=True)
+    return torch.nn.functional.pad(right, (width - length, 0), value=False)
