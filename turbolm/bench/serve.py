@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def prompts(config: ServeBenchConfig, tokenizer) -> tuple[list[str], list[str]]:
 # -- one server --------------------------------------------------------------------------------
 
 class Server:
-    """``turbolm serve`` in a child process, up and answering; ``stop()`` ends it (SIGTERM)."""
+    """``turbolm serve`` in a child process, up and answering; ``stop()`` ends it (SIGTERM). As a
+    context manager it stops at the end of the block, at once (SIGKILL) if the block raised."""
 
     def __init__(self, flags: list[str], threads: int | None, log: Callable[[str], None]):
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -174,6 +176,12 @@ class Server:
                 pass
         self.proc.kill()
         self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        self.stop(now=kind is not None)
 
 
 def _quantile(xs: list[float], q: float) -> float | None:
@@ -215,8 +223,7 @@ def _connect(server: Server):
 
 def run_levels(name: str, config: ServeBenchConfig, short: list[str], log: Callable[[str], None]) -> dict:
     """Every concurrency level on one fresh server of configuration ``name``."""
-    server = Server(config.server_flags(name), config.threads, log)
-    try:
+    with Server(config.server_flags(name), config.threads, log) as server:
         client, model = _connect(server)
         levels, answers, changed = [], {}, 0
         for c in config.clients:
@@ -243,20 +250,13 @@ def run_levels(name: str, config: ServeBenchConfig, short: list[str], log: Calla
                 f"ITL p50 {level['itl_ms_p50']} ms ({len(results)} requests, {tokens} tokens, {wall:.1f} s)")
         return {"config": name, "server": server.banner, "flags": config.server_flags(name), "levels": levels,
                 "answers": answers, "answers_changed_across_levels": changed, "peak_mb": server.peak_mb()}
-    except BaseException:
-        server.stop(now=True)
-        raise
-    finally:
-        server.stop()
 
 
 def run_long(names: Sequence[str], config: ServeBenchConfig, long: list[str], log: Callable[[str], None]) -> dict:
     """Time to first token of each long prompt on every configuration, one request at a time, the
     servers all up and taking turns (the order rotating per prompt): side by side in one period."""
-    servers = []
-    try:
-        for name in names:
-            servers.append(Server(config.server_flags(name), config.threads, log))
+    with ExitStack() as stack:
+        servers = [stack.enter_context(Server(config.server_flags(name), config.threads, log)) for name in names]
         clients = [_connect(server) for server in servers]
         ttft: dict[str, list] = {name: [] for name in names}
         for k, text in enumerate(long):
@@ -267,13 +267,6 @@ def run_long(names: Sequence[str], config: ServeBenchConfig, long: list[str], lo
         log("  long prompts, TTFT p50: " + ", ".join(
             f"{n} {statistics.median([t for t in ts if t is not None]):.2f} s" for n, ts in ttft.items() if any(ts)))
         return {"configs": list(names), "ttft_s": ttft}
-    except BaseException:
-        for server in servers:
-            server.stop(now=True)
-        raise
-    finally:
-        for server in servers:
-            server.stop()
 
 
 # -- the run -----------------------------------------------------------------------------------

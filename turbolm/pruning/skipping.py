@@ -119,7 +119,7 @@ class _Sequence:
 
 @dataclass
 class _Forward:
-    sequence: _Sequence
+    sequence: _Sequence | None  # None in a prefill_only dense forward
     positions: torch.Tensor  # (B, T) true positions of this forward's tokens
     cos: torch.Tensor | None
     sin: torch.Tensor | None
@@ -212,7 +212,7 @@ class TokenPruner(ModelPatch):
         cache = cache_of(kwargs)
         seq = self._sequences.get(cache) if cache is not None else None
         if self.prefill_only and cache is not None and (seq is not None or cache.get_seq_length() > 0):
-            return _Forward(seq, None, None, None, decode=False, dense=True)
+            return _Forward(None, None, None, None, decode=False, dense=True)  # masks: on the cache layers
         if seq is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise TurboLMError("this KV cache was filled without the token pruner; prefill with the pruner attached")

@@ -133,8 +133,8 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
             layer.values = layer.values.index_select(0, index)[:, :, cut:]
-            if getattr(layer, "visible", None) is not None:
-                layer.visible = _visible(layer.visible, self.width, self.width, layer.keys).index_select(0, index)[..., cut:]
+            if layer.visible is not None:  # aligned with the leading columns: cut the same ones
+                layer.visible = layer.visible.index_select(0, index)[..., cut:]
         self.width -= cut
 
     def _join(self, row: Row, cache) -> None:
@@ -144,9 +144,9 @@ class Batch:
             return
         width = max(self.width, row.length)
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            if getattr(mine, "visible", None) is not None or getattr(theirs, "visible", None) is not None:
-                mine.visible = torch.cat([_visible(getattr(mine, "visible", None), self.width, width, mine.keys),
-                                          _visible(getattr(theirs, "visible", None), row.length, width, theirs.keys)])
+            if mine.visible is not None or theirs.visible is not None:
+                mine.visible = torch.cat([_visible(mine.visible, self.width, width, mine.keys),
+                                          _visible(theirs.visible, row.length, width, theirs.keys)])
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
         self.rows.append(row)
