@@ -1,6 +1,7 @@
 """Draft training: it learns, it resumes exactly, its checkpoint serves the Jakiro proposer."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -207,3 +208,33 @@ def test_expert_similarity_sees_identical_experts(prepared, tiny_dir):
     assert apart["n"] == alike["n"] > 0
     assert abs(alike["cosine"] / alike["n"] - 1) < 1e-5 and alike["top1_agree"] == alike["n"]
     assert apart["cosine"] / apart["n"] < 0.9
+
+
+def test_training_from_a_token_file_computes_the_features(prepared, tmp_path, tiny_dir):
+    """A token file trains like its prepared directory: the same samples, the target's features
+    computed in memory (equal to the stored float16 ones up to that rounding); bf16 autocast and a
+    bf16 target run; the draft serves losslessly."""
+    from turbolm.speculative.draft.data import FeatureDataset, TokenFeatures, export_tokens
+
+    tokens = tmp_path / "tokens.safetensors"
+    export_tokens(prepared, tokens)
+    target, tok = load_target(tiny_dir)
+    stored, computed = FeatureDataset(prepared), TokenFeatures(tokens, target)
+    assert len(computed) == len(stored) and computed.lengths() == stored.lengths()
+    for i in (0, len(stored) - 1):
+        a, b = stored[i], computed[i]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        torch.testing.assert_close(b["features"], a["features"], rtol=2e-3, atol=2e-3)
+    assert len(TokenFeatures(tokens, target, samples=5)) == 5
+    out = tmp_path / "ckpt"
+    res = train(config(tokens, out, tiny_dir, draft_vocab_size=64, mixed_precision="bf16", target_dtype="bfloat16"),
+                progress=False)
+    assert res["finished"]
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    draft = load_draft(out, target)
+    gen = SpeculativeGenerator(target, tok, JakiroProposer(draft, target, TreeConfig(total_tokens=8, depth=4, top_k=2)))
+    ids = encode_prompt(tok, "Say the colours number 3.")
+    assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
+    with pytest.raises(TurboLMError, match="mixed_precision"):
+        train(config(tokens, tmp_path / "x", tiny_dir, mixed_precision="fp8"), progress=False)

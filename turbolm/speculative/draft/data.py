@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ...core.attention import without_cudnn_attention
 from ...core.chat import encode_chat
 from ...core.errors import DataError, ParameterError, TurboLMError
 from ...core.generation import FeatureCapture, context_length, eos_token_ids
@@ -143,8 +144,9 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_toke
             do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
             pad_token_id=pad, eos_token_id=sorted(eos_ids) or None,
         )
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
-                             generation_config=config)
+        with without_cudnn_attention():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                                 generation_config=config)
         for r, i in enumerate(batch):
             answers[i] = tokenizer.decode(_until_eos(out[r, width:].tolist(), eos_ids), skip_special_tokens=True)
     return answers
@@ -167,8 +169,9 @@ def extract_features(model, sequences: list[list[int]], *, batch_size: int, dtyp
                 ids[r, : lengths[r]] = torch.tensor(sequences[i])
                 attention[r, : lengths[r]] = 1
             # logits_to_keep=1: the features are all we need, not [batch, len, vocab] logits.
-            model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device), use_cache=False,
-                  logits_to_keep=1)
+            with without_cudnn_attention():
+                model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device), use_cache=False,
+                      logits_to_keep=1)
             batch_features = capture.features.to("cpu", dtype)
             if not torch.isfinite(batch_features).all():
                 raise ParameterError(f"the target's features overflow {str(dtype).replace('torch.', '')}; "
@@ -621,6 +624,70 @@ def read_tokens(path: str | os.PathLike) -> tuple[list[_Sample], dict]:
     return samples, source
 
 
+def _tokens_for(path, model) -> tuple[list[_Sample], dict]:
+    """:func:`read_tokens`, checked against the target that will compute their features."""
+    from ...core.models import identity_mismatch
+
+    samples, source = read_tokens(path)
+    if source.get("target") and identity_mismatch(source["target"], model):
+        raise TurboLMError(f"the tokens in {path} were made with another target: {identity_mismatch(source['target'], model)}")
+    if any(max(s.input_ids, default=0) >= model.config.vocab_size for s in samples):
+        raise TurboLMError(f"{path} holds token ids outside the target's vocabulary")
+    return samples, source
+
+
+class TokenFeatures(torch.utils.data.Dataset):
+    """The samples of a token file (:func:`export_tokens`) with the target's features computed
+    once, in memory, by ``model`` (on its device, in its precision): training without storing
+    features (they cost hidden_size x 2 bytes per token on disk, ~1.2 KB for a 576-wide model).
+    ``samples``: the first N samples only. Items and methods as :class:`FeatureDataset`'s;
+    ``meta`` holds the target's identity and hidden size."""
+
+    def __init__(self, path: str | os.PathLike, model, *, samples: int | None = None, batch_size: int = 64,
+                 progress: bool = False):
+        items, source = _tokens_for(path, model)
+        items = items[:samples] if samples else items
+        if not items:
+            raise DataError(f"{path} holds no samples")
+        self.meta = {"target": model_identity(model), "hidden_size": model.config.hidden_size, "source": source}
+        self._ids = [torch.tensor(s.input_ids, dtype=torch.long) for s in items]
+        self._masks = [torch.tensor(s.loss_mask, dtype=torch.bool) for s in items]
+        self._features = []
+        step = max(1, batch_size) * 16  # progress in chunks; each chunk batched by length
+        for a in _progress_range(len(items), step, "features", progress):
+            chunk = extract_features(model, [s.input_ids for s in items[a : a + step]], batch_size=batch_size,
+                                     dtype=model.dtype)
+            self._features += [f.to(model.device) for f in chunk]  # kept where training reads them (a GPU)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self._ids[i], "loss_mask": self._masks[i], "features": self._features[i].float()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["target"]["vocab_size"]
+
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self._ids]
+
+    def iter_tokens(self, samples: int | None = None):
+        """(input_ids, loss_mask) of the first ``samples`` samples (default all), as one pair."""
+        n = len(self) if samples is None else min(samples, len(self))
+        yield torch.cat(self._ids[:n]), torch.cat(self._masks[:n])
+
+
+def _progress_range(total: int, step: int, desc: str, progress: bool):
+    """range(0, total, step) with a progress bar over ``total`` items on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="sample", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        for a in range(0, total, step):
+            yield a
+            bar.update(min(step, total - a))
+
+
 def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int = 8, shard_size: int = 256,
                         dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict:
     """Like :func:`prepare_features`, from token ids and answer masks already made (see
@@ -629,15 +696,8 @@ def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int 
 
     _check_settings(None, None, batch_size, shard_size, None)
     tokens_path = Path(tokens_path).expanduser().resolve()
-    samples, source = read_tokens(tokens_path)
     model, tokenizer = load_target(target_source, dtype=dtype, device=device)
-    from ...core.models import identity_mismatch
-
-    if source.get("target") and identity_mismatch(source["target"], model):
-        raise TurboLMError(f"the tokens in {tokens_path} were made with another target: "
-                           f"{identity_mismatch(source['target'], model)}")
-    if any(max(s.input_ids, default=0) >= model.config.vocab_size for s in samples):
-        raise TurboLMError(f"{tokens_path} holds token ids outside the target's vocabulary")
+    samples, source = _tokens_for(tokens_path, model)
     header = {
         "format": FORMAT, "target": model_identity(model), "hidden_size": model.config.hidden_size,
         "features_dtype": "bfloat16" if model.dtype == torch.bfloat16 else "float16",

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...core.attention import without_cudnn_attention
 from ...core.errors import ParameterError, TurboLMError
 from ...core.interrupts import Interrupted, stop_at_safe_point
 from ...core.io import load_training_state, save_training_state, settings_differences
@@ -64,21 +65,33 @@ class TrainConfig:
     max_samples: int = 0  # 0: all; N: the first N samples (of a preparation that may still be running)
     max_steps: int = 0  # 0: run all epochs (a positive value stops early, for tests and resumable chunks)
     target: str | None = None  # target source; default: the one recorded by prepare
+    target_dtype: str = "float32"  # the target's precision where it computes features (data = a token file)
+    mixed_precision: str = "no"  # no | bf16 (autocast of the training steps)
 
 
-def _target_pieces(cfg: TrainConfig, meta: dict):
-    """The frozen target modules the draft needs: embedding and lm_head (and identity check)."""
+def _target_and_data(cfg: TrainConfig, device, progress: bool):
+    """The target, the training samples and the frozen float32 target modules the draft needs
+    (embedding, lm_head). ``cfg.data`` is a prepared directory (features read from disk, the
+    target checked against the one they came from) or a token file (features computed now, in
+    memory, by the target on ``device`` in ``cfg.target_dtype``)."""
     from ...core.models import identity_mismatch, load_target
+    from .data import FeatureDataset, TokenFeatures, read_meta
 
-    model, _ = load_target(cfg.target)
-    diff = identity_mismatch(meta["target"], model)
-    if diff:
-        raise TurboLMError(f"the features in {cfg.data} were prepared for a different target than "
-                           f"{cfg.target or 'the default'} ({diff})")
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if Path(cfg.data).is_file():
+        model, _ = load_target(cfg.target, dtype=cfg.target_dtype, device=device)
+        dataset = TokenFeatures(cfg.data, model, samples=cfg.max_samples or None, progress=progress)
+    else:
+        meta = read_meta(cfg.data)
+        dataset = FeatureDataset(cfg.data, partial=bool(cfg.max_samples))
+        model, _ = load_target(cfg.target)
+        diff = identity_mismatch(meta["target"], model)
+        if diff:
+            raise TurboLMError(f"the features in {cfg.data} were prepared for a different target than "
+                               f"{cfg.target or 'the default'} ({diff})")
+    embed, head = model.get_input_embeddings().float(), model.get_output_embeddings().float()
     for p in list(embed.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
-    return model, embed, head
+    return model, dataset, embed, head
 
 
 def draft_vocabulary(ds, size: int, samples: int | None = None) -> torch.Tensor:
@@ -98,7 +111,7 @@ def collate(samples: list[dict]) -> dict:
     H = samples[0]["features"].shape[1]
     ids = torch.zeros(len(samples), L, dtype=torch.long)
     mask = torch.zeros(len(samples), L, dtype=torch.bool)
-    feats = torch.zeros(len(samples), L, H)
+    feats = torch.zeros(len(samples), L, H, device=samples[0]["features"].device)  # where the features are kept
     for i, s in enumerate(samples):
         n = s["input_ids"].shape[0]
         ids[i, :n], mask[i, :n], feats[i, :n] = s["input_ids"], s["loss_mask"], s["features"]
@@ -145,7 +158,8 @@ def draft_loss(draft: DraftModel, embed, lm_head_w, batch: dict, cfg: TrainConfi
         raise TurboLMError("training samples need at least 3 tokens")
     inp = f[:, :-1]
     if cfg.noise > 0:
-        noise = (torch.rand(inp.shape, generator=generator) - 0.5) * cfg.noise * 512 / L
+        noise = (torch.rand(inp.shape, generator=generator, device=generator.device if generator else inp.device)
+                 - 0.5) * cfg.noise * 512 / L
         inp = inp + noise.to(inp.device)
     if not m[:, 2:].any():
         raise TurboLMError("a training batch holds no answer token to learn from")
@@ -320,7 +334,8 @@ def evaluate(draft, embed, head_w, dataset, indices, depth) -> dict:
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.init not in ("random", "target") and not (Path(cfg.init) / "config.json").is_file():
         raise ParameterError(f"{{}} must be random, target or a draft checkpoint directory, got {cfg.init!r}", "init")
-    choices = {"clip_mode": ("norm", "value"), "contrastive_pairing": PAIRINGS,
+    choices = {"clip_mode": ("norm", "value"), "contrastive_pairing": PAIRINGS, "mixed_precision": ("no", "bf16"),
+               "target_dtype": ("float32", "bfloat16", "float16"),
                "arch": ARCHS, "candidate_mode": CANDIDATE_MODES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -335,25 +350,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .data import FeatureDataset, read_meta
-
     out = Path(cfg.out)
-    meta = read_meta(cfg.data)
-    dataset = FeatureDataset(cfg.data, partial=bool(cfg.max_samples))
-    n = min(len(dataset), cfg.max_samples or len(dataset))
-    if cfg.max_samples and len(dataset) < cfg.max_samples:
-        raise ParameterError(f"{cfg.data} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
-    if n <= cfg.eval_samples:
-        raise ParameterError(f"{cfg.data} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
     if resume and not (out / "latest.json").is_file():
         raise ParameterError(f"nothing to resume in {out} (no latest.json); start without {{}}", "resume")
     if not resume and (out / "latest.json").is_file():
         raise ParameterError(f"{out} already holds a training run; pass {{}} to continue it or choose another {{}}", "resume", "out")
     _check_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    target, embed, head = _target_pieces(cfg, meta)
+    target, dataset, embed, head = _target_and_data(cfg, accelerator.device, progress)
+    n = min(len(dataset), cfg.max_samples or len(dataset))
+    if cfg.max_samples and len(dataset) < cfg.max_samples:
+        raise ParameterError(f"{cfg.data} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
+    if n <= cfg.eval_samples:
+        raise ParameterError(f"{cfg.data} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
+    out.mkdir(parents=True, exist_ok=True)
     embed, head = embed.to(accelerator.device), head.to(accelerator.device)
     dconf = DraftConfig.for_target(
         target, arch=cfg.arch, candidate_mode=cfg.candidate_mode, num_experts=cfg.num_experts,
@@ -413,16 +423,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             saved = position()
 
     # Ctrl-C / SIGTERM: the step in progress finishes, the state is saved, Interrupted is raised.
-    with stop_at_safe_point() as stop:
+    with stop_at_safe_point() as stop, without_cudnn_attention():
         while state["epoch"] < cfg.epochs and state["step"] < stop_at and not stop.requested:
             batches = _batches(lengths, train_idx, cfg.batch_size, cfg.seed, state["epoch"])
             while state["batch"] < len(batches) and state["step"] < stop_at and not stop.requested:
                 batch = collate([dataset[i] for i in batches[state["batch"]]])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+                g = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1_000_003 + state["step"])
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(state["step"], cfg.warmup_steps, total)
-                parts = draft_loss(accelerator.unwrap_model(draft), embed, head_w, batch, cfg, g)
+                with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                    parts = draft_loss(accelerator.unwrap_model(draft), embed, head_w, batch, cfg, g)
                 optimizer.zero_grad()
                 accelerator.backward(parts["loss"])
                 if cfg.clip_mode == "value":
