@@ -236,6 +236,8 @@ def hostile(tiny, tiny_dir, tmp_path_factory):
     features_case("an empty directory", feats / "empty", "empty", "turbolm draft prepare")
     features_case("a model directory", tiny_dir, "meta.json", "turbolm draft prepare")
     features_case("a partial preparation", variant(feats / "ok", feats / "partial", partial), "unfinished")
+    (feats / "tokens.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}")  # damaged header
+    features_case("a damaged token file", feats / "tokens.safetensors", "tokens.safetensors", "cannot read token file")
     features_case("a truncated shard", variant(feats / "ok", feats / "trunc", lambda d: truncate(d / "shard-00001.safetensors")),
                   "shard-00001.safetensors", "truncated")
     features_case("a missing shard", variant(feats / "ok", feats / "lost", lambda d: (d / "shard-00002.safetensors").unlink()),
@@ -288,7 +290,7 @@ ERROR_CASES = [
     "pruner: truncated router", "pruner: router missing", "pruner: schedule missing", "pruner: schedule null",
     "pruner: schedule too short", "pruner: threshold text", "pruner: router_inputs unknown", "pruner: config not JSON",
     "features: a dataset file", "features: missing", "features: an empty directory", "features: a model directory",
-    "features: a partial preparation", "features: a truncated shard", "features: a missing shard",
+    "features: a partial preparation", "features: a damaged token file", "features: a truncated shard", "features: a missing shard",
     "features: meta shards null", "features: meta not JSON", "features: a shard that does not match meta",
 ]
 

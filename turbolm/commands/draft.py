@@ -62,7 +62,7 @@ def register(sub) -> None:
 
 
 _TRAIN_HELP = {
-    "data": "a directory written by `turbolm draft prepare`, or a token file (`export_tokens`): the target then "
+    "data": "a directory written by `turbolm draft prepare`, or a token file (.safetensors, `export_tokens`): the target then "
             "computes the features at the start, in memory (nothing stored; on the device accelerate picks)",
     "target_dtype": "the target's precision when it computes features from a token file (bfloat16 on a GPU)",
     "mixed_precision": "no | bf16: autocast the training steps in bfloat16 (for GPUs)",

@@ -222,7 +222,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
         hint = (f"; to train on this dataset, prepare its features first: `turbolm draft prepare --data {directory} "
                 "--out DIR`" if directory.suffix.lower() in (".json", ".jsonl") else f"; {make}")
         raise DataError(f"{directory} is a file, not a prepared feature directory (the directory `turbolm draft "
-                        f"prepare` writes){hint}")
+                        f"prepare` writes) or a token file (.safetensors){hint}")
     if not directory.is_dir():
         raise DataError(f"feature directory not found: {directory} ({make})")
     path = directory / META

@@ -77,7 +77,7 @@ def _target_and_data(cfg: TrainConfig, device, progress: bool):
     from ...core.models import identity_mismatch, load_target
     from .data import FeatureDataset, TokenFeatures, read_meta
 
-    if Path(cfg.data).is_file():
+    if Path(cfg.data).is_file() and Path(cfg.data).suffix == ".safetensors":
         model, _ = load_target(cfg.target, dtype=cfg.target_dtype, device=device)
         dataset = TokenFeatures(cfg.data, model, samples=cfg.max_samples or None, progress=progress)
     else:
