@@ -89,26 +89,6 @@ def train_args(a, name: str, arch: str, data: Path, work: Path) -> list[str]:
             "--save-every", "100000"]
 
 
-def merge_tokens(files: list[Path], dst: Path) -> int:
-    """One token file (export_tokens' layout) holding every sample of ``files``, in order; the
-    first file's metadata. Returns the sample count."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    ids, masks, offsets, meta = [], [], [0], None
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            meta = meta or h.metadata()
-            ids.append(h.get_tensor("input_ids")), masks.append(h.get_tensor("loss_mask"))
-            offsets += (h.get_tensor("offsets")[1:] + offsets[-1]).tolist()
-    tmp = dst.with_suffix(".tmp")
-    save_file({"input_ids": torch.cat(ids), "loss_mask": torch.cat(masks), "offsets": torch.tensor(offsets)},
-              str(tmp), metadata=meta)
-    tmp.replace(dst)
-    return len(offsets) - 1
-
-
 def ship(src: Path, out: Path, max_parts: int) -> int:
     """``src`` into OUT as parts of at most 15 MiB (NAME.00, NAME.01, ...; `cat` joins them)."""
     data, size = src.read_bytes(), 15 * 2**20
@@ -189,7 +169,7 @@ def main() -> int:
                 break
             time.sleep(0.5)
         rc = wait_until([p], now())[0]
-    from turbolm.speculative.draft.data import export_tokens, read_meta
+    from turbolm.speculative.draft.data import export_tokens, merge_tokens, read_meta
 
     meta = read_meta(prep)
     tokens = work / "tokens.safetensors"

@@ -226,6 +226,12 @@ def test_training_from_a_token_file_computes_the_features(prepared, tmp_path, ti
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
         torch.testing.assert_close(b["features"], a["features"], rtol=2e-3, atol=2e-3)
     assert len(TokenFeatures(tokens, target, samples=5)) == 5
+    from turbolm.speculative.draft.data import merge_tokens, read_tokens
+
+    twice = tmp_path / "twice.safetensors"
+    assert merge_tokens([tokens, tokens], twice) == 2 * len(stored)
+    (one, source), (two, source2) = read_tokens(tokens), read_tokens(twice)
+    assert two == one + one and source2 == source
     out = tmp_path / "ckpt"
     res = train(config(tokens, out, tiny_dir, draft_vocab_size=64, mixed_precision="bf16", target_dtype="bfloat16"),
                 progress=False)

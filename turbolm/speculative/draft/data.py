@@ -585,18 +585,32 @@ def export_tokens(prepared_dir: str | os.PathLike, out_file: str | os.PathLike) 
     size) to one safetensors file, with the preparation's settings as metadata; returns the
     number of samples. ``prepare_features(..., from_tokens=out_file)`` computes the features
     again elsewhere, e.g. after regenerating the answers on a GPU."""
-    from safetensors.torch import save_file
-
     prepared_dir = Path(prepared_dir)
     meta = read_meta(prepared_dir)
+    source = {k: meta.get(k) for k in ("data", "regenerate", "regen_max_new_tokens", "regen_dtype", "max_length", "target")}
+    return _join_tokens([prepared_dir / s["file"] for s in meta["shards"]], out_file, json.dumps(source))
+
+
+def merge_tokens(files: list[str | os.PathLike], out_file: str | os.PathLike) -> int:
+    """One token file holding every sample of the token ``files``, in order, with the first
+    file's settings as metadata (e.g. two regeneration runs); returns the number of samples."""
+    with open_safetensors(files[0], remedy="give token files written by export_tokens") as h:
+        source = (h.metadata() or {}).get("turbolm_source", "{}")
+    return _join_tokens(files, out_file, source)
+
+
+def _join_tokens(files, out_file, source: str) -> int:
+    """The input ids, answer masks and offsets of safetensors ``files`` (token files or feature
+    shards: both hold these three) concatenated into ``out_file``, written atomically."""
+    from safetensors.torch import save_file
+
     ids, masks, offsets = [], [], [0]
-    for s in meta["shards"]:
-        t = load_safetensors(prepared_dir / s["file"], remedy=_AGAIN)
+    for f in files:
+        t = load_safetensors(f, remedy=_AGAIN)
         ids.append(t["input_ids"]), masks.append(t["loss_mask"])
         offsets += (t["offsets"][1:] + offsets[-1]).tolist()
-    source = {k: meta.get(k) for k in ("data", "regenerate", "regen_max_new_tokens", "regen_dtype", "max_length", "target")}
-    save_file({"input_ids": torch.cat(ids), "loss_mask": torch.cat(masks), "offsets": torch.tensor(offsets)},
-              str(out_file), metadata={"turbolm_source": json.dumps(source)})
+    tensors = {"input_ids": torch.cat(ids), "loss_mask": torch.cat(masks), "offsets": torch.tensor(offsets)}
+    atomic_write(Path(out_file), lambda tmp: save_file(tensors, str(tmp), metadata={"turbolm_source": source}))
     return len(offsets) - 1
 
 
