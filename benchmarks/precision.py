@@ -1,4 +1,4 @@
-"""float32, bfloat16 and int8 (weight-only, ``--dtype int8``) side by side in one process: vanilla
+"""float32, bfloat16, int8 and int4 (weight-only, ``--dtype int8`` / ``int4``) side by side in one process: vanilla
 decoding speed and how often each low-precision model's greedy answer equals float32's.
 
     python benchmarks/precision.py --questions ../shared/data/spec_bench/question.jsonl --per-category 1
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--questions", required=True)
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4")
     ap.add_argument("--out", help="write the numbers as JSON here")
     args = ap.parse_args()
 

@@ -1,7 +1,7 @@
-"""int8 weight-only quantisation (``--dtype int8``, turbolm.core.quantize): the weights land on the
-int8 grid with the head and embeddings untouched, the model stays close to the unquantised one, the
-int8 kernel computes the same product as F.linear on the dequantised weights, it is a kernel-table
-candidate only for quantised weights, and a weight changed afterwards never runs a stale int8 copy."""
+"""Weight-only quantisation (``--dtype int8`` / ``int4``, turbolm.core.quantize): the weights land on
+the scheme's grid with the head and embeddings untouched, the model stays close to the unquantised one,
+the kernel computes the same product as F.linear on the dequantised weights, it is a kernel-table
+candidate only for quantised weights, and a weight changed afterwards never runs a stale copy."""
 
 import json
 
@@ -14,12 +14,23 @@ from turbolm import load_target
 from turbolm.cli import main
 from turbolm.core import kernels
 from turbolm.core.errors import ParameterError
-from turbolm.core.kernels import INT8, PACKED, candidates, kernel_table, table_key, table_of
+from turbolm.core.kernels import PACKED, candidates, kernel_table, table_key, table_of
 from turbolm.core.models import describe_model
-from turbolm.core.quantize import int8_form, quantizable, quantization, quantize_int8
+from turbolm.core.quantize import INT4, INT8, kernel_available, quant_form, quantizable, quantization, quantize
 
-needs_int8 = pytest.mark.skipif(not (kernels.available() and kernels.int8_available()),
+needs_int8 = pytest.mark.skipif(not (kernels.available() and kernel_available(INT8)),
                                 reason="this PyTorch build has no oneDNN / int8 weight-only kernel")
+needs_int4 = pytest.mark.skipif(not (kernels.available() and kernel_available(INT4)),
+                                reason="this PyTorch build has no oneDNN / int4 weight-only CPU kernel")
+
+
+def int8_form(weight):
+    form = quant_form(weight)
+    return None if form is None else form.args
+
+
+def quantize_int8(model):
+    return quantize(model, INT8)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +107,13 @@ def test_the_int8_kernel_computes_the_dequantised_product(rows):
 def test_int8_is_a_candidate_only_for_quantised_weights(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
     assert INT8 not in candidates("layers", 1, torch.bfloat16)
-    assert INT8 in candidates("layers", 1, torch.bfloat16, int8=True)
+    assert INT8 in candidates("layers", 1, torch.bfloat16, INT8)
     plain, _ = load_target(tiny_dir, dtype="bfloat16")
     model, _ = load_target(tiny_dir, dtype="int8")
     assert model.dtype is torch.bfloat16 and quantization(model) == "int8" and describe_model(model)["dtype"] == "int8"
     groups_plain, groups_int8 = kernels.linear_weights(plain), kernels.linear_weights(model)
-    assert kernels.int8_groups(groups_plain) == frozenset()
-    assert kernels.int8_groups(groups_int8) == frozenset({"layers"})  # (the tiny lm_head is in it too, unquantised)
+    assert kernels.quantized_groups(groups_plain) == {}
+    assert kernels.quantized_groups(groups_int8) == {"layers": INT8}  # (the tiny lm_head is in it too, unquantised)
     assert table_key(groups_plain, torch.bfloat16) != table_key(groups_int8, torch.bfloat16)
 
     seen = []
@@ -138,8 +149,8 @@ def test_generate_cli_with_int8(tiny_dir, capsys):
 
 
 def test_an_unknown_dtype_names_the_choices(tiny_dir, capsys):
-    assert main(["generate", "--model", str(tiny_dir), "--dtype", "int4", "--prompt", "Hi"]) == 2
-    assert "float32, bfloat16, float16 or int8" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir), "--dtype", "int3", "--prompt", "Hi"]) == 2
+    assert "float32, bfloat16, float16, int8 or int4" in capsys.readouterr().err
 
 
 
@@ -163,3 +174,137 @@ def test_info_shows_int8(tiny_dir, tmp_path, monkeypatch, capsys):
     assert "int8" in info["kernels"]["timings_ms"]["layers"]["1"]
     assert main(["info", *small]) == 0
     assert "layers: int8, ms" in capsys.readouterr().out
+
+
+# --- int4 (groups of 32 with a scale and a zero: llama.cpp's Q4_1) ------------------------------
+
+
+def test_int4_weights_on_the_grid_per_group_of_32(tied_dir):
+    model, _ = load_target(tied_dir, dtype="bfloat16")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layers = quantizable(model, INT4)
+    assert quantize(model, INT4) is model and quantization(model) == "int4"
+    assert len(layers) == 2 * 7  # every decoder linear fits the kernel's shapes here; not the (tied) lm_head
+    names = {id(p): n for n, p in model.named_parameters()}
+    for m in layers:
+        form = quant_form(m.weight)
+        packed, group, scales_and_zeros = form.args
+        assert form.scheme == INT4 and group == 32 and form.dtype is torch.bfloat16
+        out_features, in_features = m.weight.shape
+        assert scales_and_zeros.shape == (in_features // 32, out_features, 2)
+        assert form.nbytes == out_features * in_features // 2 + scales_and_zeros.numel() * 2
+        s, z = scales_and_zeros.float().unbind(-1)  # (groups, out)
+        w = m.weight.float().view(out_features, in_features // 32, 32)
+        q = ((w - z.t()[..., None]) / s.t()[..., None] + 8).round()  # back to the 4-bit values
+        assert q.min() >= 0 and q.max() <= 15
+        grid = (q - 8) * s.t()[..., None] + z.t()[..., None]
+        assert ((w - grid).abs() <= grid.abs() * 2**-8).all()  # on the grid up to the bf16 rounding of the value
+        orig = before[names[id(m.weight)]].float().view_as(w)
+        step = s.t()[..., None]
+        # half a step, plus the bf16 rounding of the scale (x |q - 8| <= 8), the zero and the value
+        assert ((w - orig).abs() <= step * (0.5 + 8 * 2**-8) + orig.abs() * 2**-7).all()
+    for name, p in model.named_parameters():
+        if id(p) not in {id(m.weight) for m in layers}:
+            assert torch.equal(p, before[name]), name
+    assert quantize(model, INT4) is model  # idempotent
+    with pytest.raises(ParameterError, match="model is already quantised to int4"):
+        quantize(model, INT8)
+    with pytest.raises(ParameterError, match="scheme must be one of int8, int4"):
+        quantize(model, "int2")
+
+
+def test_int4_finds_q4_1_weights_again():
+    """Weights that already are Q4_1 blocks (the default model's GGUF) round to the same 4-bit
+    values, scales and minima: in float32 the model does not change beyond float32 rounding."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=False)
+    q = torch.randint(0, 16, (32, 2, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1's quantiser maps each block's minimum to 0 and maximum to 15
+    d = (torch.rand(32, 2, 1) * 0.02 + 1e-3).half().float()
+    m = (torch.randn(32, 2, 1) * 0.05).half().float()
+    with torch.no_grad():
+        layer.weight.copy_((d * q + m).view(32, 64))
+    original = layer.weight.detach().clone()
+    model = torch.nn.Sequential(layer)
+    quantize(model, INT4)
+    assert torch.allclose(layer.weight, original, rtol=0, atol=1e-6)
+    s, z = quant_form(layer.weight).args[2].unbind(-1)
+    assert torch.allclose(s.t(), d[..., 0], rtol=1e-6) and torch.allclose(z.t() - 8 * s.t(), m[..., 0], atol=1e-6)
+
+
+def test_int4_leaves_layers_the_kernel_cannot_take():
+    keep, fit = torch.nn.Linear(40, 24), torch.nn.Linear(64, 32)  # 24 outputs: not a multiple of 16
+    model = torch.nn.Sequential(keep, fit)
+    before = keep.weight.detach().clone()
+    assert quantizable(model, INT4) == [fit] and quantizable(model, INT8) == [keep, fit]
+    quantize(model, INT4)
+    assert torch.equal(keep.weight, before) and quant_form(keep.weight) is None and quant_form(fit.weight) is not None
+
+
+@needs_int4
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_int4_kernel_computes_the_dequantised_product(rows):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 48).to(torch.bfloat16).requires_grad_(False)
+    model = torch.nn.Sequential(layer)
+    quantize(model, INT4)
+    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ours = kernels._run(INT4, x, layer.weight, layer.bias)
+        ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert ours.shape == (2, rows, 48) and ours.dtype is torch.bfloat16
+    assert torch.allclose(ours.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    with torch.inference_mode():  # the int8 kernel never runs an int4 form, nor a float32 input
+        assert torch.equal(kernels._run(INT8, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed after quantising: its int4 copy is stale and never used
+    assert quant_form(layer.weight) is None
+    with torch.inference_mode():
+        assert torch.equal(kernels._run(INT4, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_int4
+def test_int4_is_a_bfloat16_candidate_only_for_int4_weights(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    assert INT4 in candidates("layers", 1, torch.bfloat16, INT4)
+    assert INT4 not in candidates("layers", 1, torch.float32, INT4)  # its float32 path is a slow reference loop
+    assert INT4 not in candidates("layers", 1, torch.bfloat16, INT8)
+    model, _ = load_target(tiny_dir, dtype="int4")
+    int8, _ = load_target(tiny_dir, dtype="int8")
+    assert model.dtype is torch.bfloat16 and describe_model(model)["dtype"] == "int4"
+    groups = kernels.linear_weights(model)
+    assert kernels.quantized_groups(groups) == {"layers": INT4}
+    assert table_key(groups, torch.bfloat16) != table_key(kernels.linear_weights(int8), torch.bfloat16)
+
+    def timer(group, rows, kernel):  # int4 fastest up to 2 rows, packed above
+        assert kernel != INT8
+        return {INT4: 0.3 if rows <= 2 else 2.0, PACKED: 0.5}.get(kernel, 1.0)
+
+    table = kernel_table(model, timer=timer, repeats=1, busy_cpus=None)
+    assert table.kernels["layers"][:3] == (INT4, INT4, PACKED)
+    kernels.optimize_for_small_batches(model, table=table)
+    ids = random_ids(12)
+    with torch.inference_mode():
+        for n in (1, 2, 12):  # int4 (1, 2 rows) and packed (12) against plain F.linear on the same weights
+            fast = model(ids[:, :n]).logits.float()
+            kernels.restore(model)
+            ref = model(ids[:, :n]).logits.float()
+            kernels.optimize_for_small_batches(model, table=table)
+            assert torch.allclose(fast, ref, atol=0.05 * ref.abs().max().item()), n
+    kernels.restore(model)
+
+
+def test_int4_close_to_the_unquantised_model_and_generates(tiny_dir, capsys):
+    from turbolm.core.machine import bytes_per_token
+
+    plain, _ = load_target(tiny_dir, dtype="bfloat16")
+    model, _ = load_target(tiny_dir, dtype="int4")
+    ids = random_ids(32)
+    with torch.inference_mode():
+        ref, out = plain(ids).logits.float(), model(ids).logits.float()
+    assert not torch.equal(out, ref)  # 4 bits move a random model's logits more than 8 do, but they follow
+    assert (out - ref).abs().mean() < 0.4 * ref.std() and torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9
+    saved = sum(m.weight.numel() * 2 - quant_form(m.weight).nbytes for m in quantizable(model, INT4))
+    assert saved > 0 and bytes_per_token(model) == bytes_per_token(plain) - saved
+    assert main(["generate", "--model", str(tiny_dir), "--dtype", "int4", "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()

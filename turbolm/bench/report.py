@@ -206,7 +206,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         verdict = ("none: every one of turbolm's methods reproduced vanilla's token ids" if loss["ok"]
                    else f"**{loss['ours_differing']} output(s) of turbolm's methods differ from vanilla (a losslessness failure)**")
         lines.append(f"turbolm's methods ({', '.join(ours) or 'none besides vanilla'}): {verdict}.")
-        if not loss["ok"] and report["machine"].get("dtype") in ("bfloat16", "float16", "int8"):
+        if not loss["ok"] and report["machine"].get("dtype") in ("bfloat16", "float16", "int8", "int4"):
             lines.append(f"Note: in {report['machine']['dtype']} a forward over several tokens rounds differently from "
                          "one over a single token, so near-ties between the top two tokens can break differently "
                          "(transformers' own prompt lookup, where run, shows the same); run the benchmark in float32 "

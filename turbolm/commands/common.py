@@ -14,8 +14,8 @@ MODEL_HELP = "local HF model directory or .gguf file (default: the embedded Smol
 def add_model_args(p: argparse.ArgumentParser, *, flag: str = "--model", fast_cpu: bool = True) -> None:
     """``--model`` (or ``flag``), ``--dtype``, ``--device`` and, for decoding commands, ``--fast-cpu``."""
     p.add_argument(flag, dest="model", default=None, help=MODEL_HELP)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | int8 (int8: weight-only int8 linear layers, "
-                   "bfloat16 activations; default: float32)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | int8 | int4 (int8 / int4: weight-only "
+                   "quantised linear layers, bfloat16 activations; int4 as llama.cpp's Q4_1; default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     if fast_cpu:
         p.add_argument("--fast-cpu", choices=["auto", "on", "off"], default="auto",

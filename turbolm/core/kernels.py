@@ -12,10 +12,11 @@ The candidates (``benchmarks/cpu_forward.py`` compares them with others):
   what Inductor's CPU freezing pass emits. float32, and bfloat16 where oneDNN has bf16 kernels.
 - ``transposed``: ``x @ W.T`` on a contiguous transposed copy; a candidate for 1 row on
   vocabulary-sized weights (the lm_head, ``TRANSPOSED_MIN_NUMEL`` elements or more).
-- ``int8``: PyTorch's int8 weight-only kernel (``aten._weight_int8pack_mm``) on the int8 values a
-  weight was rounded to by ``core.quantize.quantize_int8`` (``--dtype int8``); a candidate only
-  for a group holding quantised weights, and any other weight runs ``F.linear`` in its place, so
-  it never changes an unquantised weight.
+- ``int8`` / ``int4``: PyTorch's weight-only kernels (``aten._weight_int8pack_mm``,
+  ``aten._weight_int4pack_mm_for_cpu``) on the values a weight was rounded to by
+  ``core.quantize.quantize`` (``--dtype int8`` / ``int4``); a candidate only for a group holding
+  weights quantised that way (int4 in bfloat16 only: its float32 path is a slow reference loop),
+  and any other weight runs ``F.linear`` in its place, so it never changes an unquantised weight.
 
 :func:`kernel_table` times them on the model's *own* linear layers: one pass over every distinct
 weight (so weights come from memory, as in a real forward) with a random input of ``rows`` rows,
@@ -74,7 +75,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import ParameterError
 from .machine import BUSY_CPUS
 from .patches import ModelPatch, active, find
-from .quantize import int8_form
+from .quantize import INT4, INT8, kernel_available, quant_form, quantized_product
 
 #: rows per forward the table distinguishes; a forward over r rows takes the smallest bucket >= r
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -84,8 +85,8 @@ MAX_ROWS = BUCKETS[-1]
 TRANSPOSED_MIN_NUMEL = 1 << 22
 #: a fast kernel replaces ``default`` only when it is faster by more than this fraction
 MARGIN = 0.05
-DEFAULT, PACKED, TRANSPOSED, INT8 = "default", "packed", "transposed", "int8"
-KERNELS = (DEFAULT, PACKED, TRANSPOSED, INT8)
+DEFAULT, PACKED, TRANSPOSED = "default", "packed", "transposed"
+KERNELS = (DEFAULT, PACKED, TRANSPOSED, INT8, INT4)
 GROUPS = ("layers", "lm_head")
 MODES = ("auto", "on", "off")
 REPEATS = 5
@@ -115,19 +116,14 @@ def bf16_supported() -> bool:
         return False
 
 
-def int8_available() -> bool:
-    """Whether this PyTorch build has the int8 weight-only CPU kernel."""
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def candidates(group: str, rows: int, dtype: torch.dtype, int8: bool = False) -> tuple[str, ...]:
-    """The kernels timed for ``group`` at ``rows`` rows in ``dtype`` (``default`` first); ``int8``:
-    the group's weights are quantised (:func:`int8_groups`)."""
+def candidates(group: str, rows: int, dtype: torch.dtype, scheme: str | None = None) -> tuple[str, ...]:
+    """The kernels timed for ``group`` at ``rows`` rows in ``dtype`` (``default`` first); ``scheme``:
+    what the group's weights are quantised to, if anything (:func:`quantized_groups`)."""
     if not available() or dtype not in (torch.float32, torch.bfloat16):
         return (DEFAULT,)
     out = [DEFAULT]
-    if int8 and int8_available():
-        out.append(INT8)
+    if scheme is not None and kernel_available(scheme) and (scheme != INT4 or dtype is torch.bfloat16):
+        out.append(scheme)
     if dtype is torch.float32 or bf16_supported():
         out.append(PACKED)
     if group == "lm_head" and rows == 1:
@@ -139,10 +135,16 @@ def group_of(weight: torch.Tensor) -> str:
     return "lm_head" if weight.numel() >= TRANSPOSED_MIN_NUMEL else "layers"
 
 
-def int8_groups(groups: dict[str, list]) -> frozenset[str]:
-    """The groups holding weights with an int8 form (``core.quantize``); the group's other weights
-    (an unquantised head of a small model) run ``F.linear`` where the table says ``int8``."""
-    return frozenset(g for g, pairs in groups.items() if any(int8_form(w) is not None for w, _ in pairs))
+def quantized_groups(groups: dict[str, list]) -> dict[str, str]:
+    """``{group: scheme}`` for the groups holding quantised weights (``core.quantize``); a group's
+    other weights (an unquantised head of a small model) run ``F.linear`` where the table names
+    the scheme's kernel."""
+    out = {}
+    for g, pairs in groups.items():
+        form = next((f for f in (quant_form(w) for w, _ in pairs) if f is not None), None)
+        if form is not None:
+            out[g] = form.scheme
+    return out
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -230,8 +232,8 @@ def time_kernels(groups: dict[str, list], dtype: torch.dtype, repeats: int = REP
     longer than ``budget_s / repeats`` (a loaded machine), down to the warm-up round's own timings
     (the packing included: a bias towards ``default``). ``timer``: another way to time a pass (tests)."""
     timer = timer or _pass_timer(groups, dtype)
-    quantised = int8_groups(groups)
-    plan = [(g, rows, k) for g in groups for rows in BUCKETS for k in candidates(g, rows, dtype, g in quantised)]
+    quantised = quantized_groups(groups)
+    plan = [(g, rows, k) for g in groups for rows in BUCKETS for k in candidates(g, rows, dtype, quantised.get(g))]
     samples: dict = {key: [] for key in plan}
     with torch.inference_mode():
         start = time.perf_counter()
@@ -291,9 +293,9 @@ def table_key(groups: dict[str, list], dtype: torch.dtype) -> str:
     shapes = sorted({(g, *w.shape) for g, pairs in groups.items() for w, _ in pairs})
     parts = [str(TABLE_VERSION), cpu_model(), str(os.cpu_count()), torch.__version__, str(torch.get_num_threads()),
              str(dtype), repr(shapes)]
-    quantised = int8_groups(groups)
-    if quantised:  # (unquantised models keep the keys they had)
-        parts.append(f"int8:{','.join(sorted(quantised))}")
+    quantised = quantized_groups(groups)
+    for scheme in sorted(set(quantised.values())):  # (unquantised models keep the keys they had)
+        parts.append(f"{scheme}:{','.join(sorted(g for g, s in quantised.items() if s == scheme))}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -302,7 +304,7 @@ def _cached_timings(entry: dict, groups: dict, dtype: torch.dtype) -> dict:
     if entry.get("version") != TABLE_VERSION or entry.get("dtype") != str(dtype):
         raise ValueError("another version or dtype")
     stored = entry.get("timings_ms")
-    quantised = int8_groups(groups)
+    quantised = quantized_groups(groups)
     if not isinstance(stored, dict) or set(stored) != set(groups):
         raise ValueError("timings_ms does not hold this model's groups")
     out = {}
@@ -313,7 +315,7 @@ def _cached_timings(entry: dict, groups: dict, dtype: torch.dtype) -> dict:
         out[g] = {}
         for rows in BUCKETS:
             t = per_bucket.get(str(rows))
-            want = candidates(g, rows, dtype, g in quantised)
+            want = candidates(g, rows, dtype, quantised.get(g))
             if not isinstance(t, dict) or set(t) != set(want):
                 raise ValueError(f"timings_ms.{g}.{rows} does not hold the kernels {', '.join(want)}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -351,7 +353,8 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
         dtype = next((pairs[0][0].dtype for pairs in groups.values()), torch.float32)
     groups = {g: [(w, b) for w, b in pairs if w.dtype is dtype] for g, pairs in groups.items()}
     groups = {g: pairs for g, pairs in groups.items() if pairs}
-    if not groups or all(candidates(g, rows, dtype, True) == (DEFAULT,) for g in groups for rows in BUCKETS):
+    quantised = quantized_groups(groups)
+    if not groups or all(candidates(g, rows, dtype, quantised.get(g)) == (DEFAULT,) for g in groups for rows in BUCKETS):
         return off_table(dtype, "none")
 
     path = cache_root() / TABLES_DIR / f"{table_key(groups, dtype)}.json" if cache else None
@@ -421,11 +424,11 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if kernel == INT8:
-        form = int8_form(weight)
-        if form is None or form[1].dtype is not x.dtype:  # changed since it was quantised: the weight as it is
+    if kernel in (INT8, INT4):
+        form = quant_form(weight)
+        if form is None or form.scheme != kernel or form.dtype is not x.dtype:  # changed since: the weight as it is
             return F.linear(x, weight, bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), *form)
+        y = quantized_product(x.reshape(-1, x.shape[-1]).contiguous(), form)
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], weight.shape[0])

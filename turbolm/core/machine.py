@@ -175,14 +175,14 @@ def memory_bandwidth(mb: int = PROBE_MB, repeats: int = 5, device: str = "cpu", 
 def bytes_per_token(model) -> int:
     """The weight bytes one decoded token reads: every parameter once (a tied embedding / lm_head
     is one tensor), except that an input embedding not tied to the lm_head is read one row a token;
-    a weight quantised to int8 (``--dtype int8``) counts one byte per value plus its scales."""
-    from .quantize import int8_form
+    a quantised weight (``--dtype int8`` / ``int4``) counts its values' bytes plus its scales."""
+    from .quantize import quant_form
 
     params = {id(p): p for p in model.parameters()}
     total = 0
     for p in params.values():
-        form = int8_form(p)
-        total += p.numel() * p.element_size() if form is None else form[0].numel() + form[1].numel() * form[1].element_size()
+        form = quant_form(p)
+        total += p.numel() * p.element_size() if form is None else form.nbytes
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embed is not None and getattr(embed, "weight", None) is not None and id(embed.weight) in params:

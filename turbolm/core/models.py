@@ -33,6 +33,7 @@ import torch
 
 from .errors import DataError, ModelError, ParameterError, TurboLMError
 from .io import cache_root, file_sha256, open_safetensors, read_cache_json, write_cache_json
+from .quantize import SCHEMES, quantize
 
 log = logging.getLogger("turbolm")
 
@@ -115,7 +116,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise TurboLMError(f"unsupported dtype '{dtype}'; use float32, bfloat16, float16 or int8") from None
+        raise TurboLMError(f"unsupported dtype '{dtype}'; use float32, bfloat16, float16, int8 or int4") from None
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
@@ -433,16 +434,16 @@ def load_target(
     """Load a causal LM and its tokenizer, ready for inference.
 
     ``source``: None (the default SmolLM2-135M-Instruct), a local Hugging Face model
-    directory, or a local ``.gguf`` file. ``dtype``: float32, bfloat16, float16, or int8 (bfloat16
-    with the decoder's linear weights rounded to int8, ``core.quantize``). Returns ``(model, tokenizer)``; the model is in
+    directory, or a local ``.gguf`` file. ``dtype``: float32, bfloat16, float16, int8 or int4
+    (bfloat16 with the decoder's linear weights rounded to int8 / int4, ``core.quantize``). Returns ``(model, tokenizer)``; the model is in
     eval mode on ``device`` with ``model.turbolm_source`` set to the resolved source. A CPU model
     with grouped-query sdpa attention runs it as ``turbolm_sdpa`` (``core.attention``: the same
     attention, without copying keys/values under masks) unless ``attn_implementation`` is given.
     No code from a model folder is ever run, and weights are read only from safetensors files.
     """
     src = resolve_source(source)
-    quantize = isinstance(dtype, str) and dtype.lower() == "int8"
-    torch_dtype = parse_dtype("bfloat16" if quantize else dtype)
+    scheme = dtype.lower() if isinstance(dtype, str) and dtype.lower() in SCHEMES else None
+    torch_dtype = parse_dtype("bfloat16" if scheme else dtype)
     dev = parse_device(device)
     if src.kind == "hf":
         model, tokenizer = _load_dir(src.path, torch_dtype, attn_implementation)
@@ -453,10 +454,8 @@ def load_target(
         from .attention import use_gqa_attention
 
         use_gqa_attention(model)
-    if quantize:
-        from .quantize import quantize_int8
-
-        quantize_int8(model)
+    if scheme:
+        quantize(model, scheme)
     model.turbolm_source = src
     return model, tokenizer
 
