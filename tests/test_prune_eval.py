@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_eval_harness import cmd_eval, eval_args, make_data_dir
+
+from turbolm.core.errors import TurboLMError
 
 
 @pytest.fixture()
@@ -84,3 +87,90 @@ def test_report_from_fake_results(tmp_path, capsys):
         f.write_text(json.dumps(run))
     assert main(["prune", "report", "--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert "; all items of each." in capsys.readouterr().out
+
+
+# --- scoring after a (pruned) prefill: `turbolm eval --after-prefill` ---------------------------------
+
+
+def test_after_prefill_windows_score_every_token_once():
+    from turbolm.evaluation.harness import rolling_windows
+
+    tokens = list(range(100, 147))
+    for length, stride in [(16, 4), (8, 3), (8, 1)]:
+        windows = rolling_windows(tokens, 7, length, stride, first=stride)
+        assert [t for _, cont in windows for t in cont] == tokens
+        assert windows[0][0] == [7] and all(len(c) == stride for _, c in windows[:-1])
+        assert all(len(ctx) + len(cont) - 1 <= length for ctx, cont in windows)
+        assert len(windows[-2][0]) == length - stride + 1  # later windows: a full context before their tokens
+
+
+def test_dense_scores_after_a_prefill_equal_one_forward(tiny):
+    """Without a pruner, prefilling the context and running the continuation over the cache scores
+    what one forward over both scores."""
+    from turbolm.evaluation.harness import Scorer, hf_logits_fn, hf_prefill_fn
+
+    model, tok = tiny
+    gen = torch.Generator().manual_seed(0)
+    requests = [(torch.randint(5, 300, (n,), generator=gen).tolist(), torch.randint(5, 300, (k,), generator=gen).tolist())
+                for n, k in [(1, 6), (9, 1), (20, 12), (3, 3)]]
+    plain = Scorer(hf_logits_fn(model), tok, max_length=24, progress=False).loglikelihood_tokens(requests)
+    scorer = Scorer(hf_logits_fn(model), tok, max_length=24, progress=False, prefill_fn=hf_prefill_fn(model))
+    after = scorer.loglikelihood_tokens(requests)
+    assert scorer.calls == len(requests) and scorer.truncated == 1  # 20 + 12 > 24 + 1: cut from the left
+    for (a, ga), (b, gb) in zip(plain, after):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_pruned_prefill_then_dense_continuation_is_what_decoding_sees(tiny):
+    """With a prefill-only token pruner the continuation's scores are exactly those of decoding it
+    token by token after the pruned prefill (serving's path), and differ from the dense model's."""
+    from turbolm.core.generation import forward, new_cache
+    from turbolm.evaluation.harness import hf_prefill_fn
+    from turbolm.pruning.factory import PrunerSpec, build_pruned
+
+    model, tok = tiny
+    ids = torch.randint(5, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    context, rest = ids[:, :32], ids[:, 32:]
+    dense = hf_prefill_fn(model)(context, rest)
+    pruned = build_pruned(model, tok, PrunerSpec(method="static", sparsity=0.5, prefill_only=True))
+    pruned.attach()
+    try:
+        ours = hf_prefill_fn(model)(context, rest)
+        with torch.inference_mode():
+            cache = new_cache(model)
+            steps = [forward(model, context, cache, logits_to_keep=1).logits]
+            for t in range(rest.shape[1]):
+                steps.append(forward(model, rest[:, t : t + 1], cache).logits)
+        stepwise = torch.cat(steps, dim=1)
+    finally:
+        pruned.detach()
+    assert ours.shape == (1, 9, model.config.vocab_size)
+    assert torch.allclose(ours, stepwise, atol=1e-4)
+    assert not torch.allclose(ours, dense, atol=1e-2)
+
+
+def test_eval_after_prefill_end_to_end(tmp_path, tiny_dir, alpaca, monkeypatch, capsys):
+    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
+    data = make_data_dir(tmp_path / "data")
+    common = ["--model", str(tiny_dir), "--tasks", "wikitext", "--data-dir", str(data), "--limit", "3",
+              "--context-length", "32", "--json"]
+    runs = {}
+    for name, extra in [("dense", []), ("dense_after", ["--after-prefill"]),
+                        ("static", ["--baseline", "static", "--sparsity", "0.5", "--stride", "8"]),
+                        ("static_after", ["--baseline", "static", "--sparsity", "0.5", "--after-prefill"])]:
+        extra = extra + (["--calibration-data", str(alpaca)] if "--baseline" in extra else [])
+        assert cmd_eval(eval_args(common + extra)) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    after = runs["static_after"]
+    assert after["config"]["after_prefill"] and after["config"]["stride"] == 8  # a quarter of the context
+    assert not runs["static"]["config"]["after_prefill"]
+    ppl = {k: r["results"]["wikitext"]["ppl"] for k, r in runs.items()}
+    assert ppl["dense_after"] == pytest.approx(ppl["dense"], rel=0.01)  # (other windows: stride 8 vs 32)
+    # the pruned prompt changes what follows it, and differently from skipping in every scored position
+    # (which way is the real model's question: a random one is near uniform either way)
+    assert abs(ppl["static_after"] / ppl["dense_after"] - 1) > 0.01
+    assert abs(ppl["static_after"] / ppl["static"] - 1) > 0.01
+    assert after["results"]["wikitext"]["tokens"] == runs["dense"]["results"]["wikitext"]["tokens"]
+    with pytest.raises(TurboLMError, match="--after-prefill scores each window's last stride tokens .* give --stride "
+                                         "below the context length"):
+        cmd_eval(eval_args(common + ["--after-prefill", "--stride", "32"]))

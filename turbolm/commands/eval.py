@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="perplexity window stride in tokens (default: the context length, i.e. lm-eval's disjoint "
                         "rolling windows; smaller strides give each token more context)")
+    p.add_argument("--after-prefill", action="store_true",
+                   help="score every continuation after a prefill of its context (one request at a time; WikiText: "
+                        "windows of --stride scored tokens, default a quarter of the context length); a token "
+                        "pruner skips tokens in the prefill only: the quality of what follows a pruned prompt")
     p.add_argument("--equal-length-batches", action="store_true",
                    help="only batch sequences of equal length, never pad (always on for models that need it)")
     g = p.add_argument_group("pruned models (default: the dense model)")
@@ -90,7 +94,8 @@ def config(args):
         tasks=None if args.tasks is None else args.tasks.split(","), task_files=args.task_file, task_paths=paths,
         data_dir=args.data_dir, limit=args.limit, ppl_limit=args.ppl_limit, batch_size=args.batch_size,
         context_length=args.context_length, stride=args.stride, equal_length_batches=args.equal_length_batches,
-        pruned=pruned, label=args.label, calibration_data=args.calibration_data, out=args.out,
+        pruned=pruned, label=args.label, calibration_data=args.calibration_data, after_prefill=args.after_prefill,
+        out=args.out,
     )
 
 

@@ -39,6 +39,8 @@ from ..core.errors import ParameterError, TurboLMError
 from .tasks import ChoiceItem, ContinuationItem, Document, Task
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+#: (context ids [1, c], the rest [1, k]) -> logits [1, 1 + k, vocab]: the context's last position, then the rest
+PrefillFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
 
@@ -53,6 +55,26 @@ def hf_logits_fn(model) -> LogitsFn:
     return logits_fn
 
 
+def hf_prefill_fn(model) -> PrefillFn:
+    """``prefill_fn`` for a Hugging Face causal LM: the context in one forward into a fresh KV
+    cache (only its last position's logits kept), then the rest in a second forward over that
+    cache - how a served prompt is prefilled and its answer decoded. A ``prefill_only`` token
+    pruner skips tokens in the first forward only; the second runs the dense model on its cache."""
+    from ..core.generation import forward, new_cache
+
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def prefill_fn(context: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        cache = new_cache(model)
+        first = forward(model, context.to(device), cache, logits_to_keep=1).logits
+        if rest.shape[1] == 0:
+            return first
+        return torch.cat([first, forward(model, rest.to(device), cache).logits], dim=1)
+
+    return prefill_fn
+
+
 def prefix_token_id(tokenizer) -> int:
     """lm-eval's prefix token for an empty context / the first token of a document: BOS, else EOS."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
@@ -63,7 +85,14 @@ def prefix_token_id(tokenizer) -> int:
 
 @dataclass
 class Scorer:
-    """Tokenizes and scores requests. ``max_length``: the longest input the model takes (tokens)."""
+    """Tokenizes and scores requests. ``max_length``: the longest input the model takes (tokens).
+
+    ``prefill_fn`` (:func:`hf_prefill_fn`): score every continuation *after a prefill* of its
+    context instead of in one forward over both - one request at a time, and perplexity windows
+    that each score ``stride`` tokens after a prefill of the tokens before them
+    (:func:`rolling_windows`' ``first``). With a prefill-only token pruner this is the quality of
+    text that follows a pruned prompt, the part of the model's output a pruned prefill serves.
+    """
 
     logits_fn: LogitsFn
     tokenizer: object
@@ -71,6 +100,7 @@ class Scorer:
     batch_size: int = 8
     equal_length_batches: bool = False
     progress: bool = True
+    prefill_fn: PrefillFn | None = None
     truncated: int = field(default=0, init=False)  # requests truncated from the left, since the last reset
     calls: int = field(default=0, init=False)  # logits_fn calls
 
@@ -123,19 +153,32 @@ class Scorer:
 
     # --- scoring -----------------------------------------------------------------------------
 
+    def _input(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """The tokens a request feeds the model (context + continuation but the last, cut from
+        the left to ``max_length``); counts the truncation."""
+        if not cont:
+            raise TurboLMError("a request has an empty continuation")
+        if len(cont) > self.max_length:
+            raise TurboLMError(f"a continuation of {len(cont)} tokens is longer than the model's context "
+                               f"({self.max_length} tokens)")
+        whole = ctx + cont
+        if len(whole) > self.max_length + 1:
+            self.truncated += 1
+        return whole[-(self.max_length + 1):][:-1]
+
+    @staticmethod
+    def _score(lp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """(summed log-prob, greedy match) of ``cont`` under ``lp``, its log-probs [len(cont), vocab]."""
+        tokens = torch.tensor(cont, dtype=torch.long, device=lp.device)
+        return float(lp.gather(-1, tokens[:, None]).sum()), bool((lp.argmax(dim=-1) == tokens).all())
+
     def loglikelihood_tokens(self, requests: Sequence[TokenRequest], desc: str = "scoring") -> list[tuple[float, bool]]:
         """(summed log-prob of the continuation, whether greedy decoding gives exactly the continuation)."""
+        if self.prefill_fn is not None:
+            return self._after_prefill(requests, desc)
         rows: dict[tuple[int, ...], list[int]] = {}  # input -> indices of the requests it serves
         for i, (ctx, cont) in enumerate(requests):
-            if not cont:
-                raise TurboLMError("a request has an empty continuation")
-            if len(cont) > self.max_length:
-                raise TurboLMError(f"a continuation of {len(cont)} tokens is longer than the model's context "
-                                   f"({self.max_length} tokens)")
-            whole = ctx + cont
-            if len(whole) > self.max_length + 1:
-                self.truncated += 1
-            rows.setdefault(tuple(whole[-(self.max_length + 1):][:-1]), []).append(i)
+            rows.setdefault(tuple(self._input(ctx, cont)), []).append(i)
         inputs = sorted(rows, key=lambda r: -len(r))
         if self.equal_length_batches:
             batches, start = [], 0
@@ -169,18 +212,33 @@ class Scorer:
                     longest = max(len(requests[i][1]) for i in served)
                     # logits at positions n-longest .. n-1 predict the last `longest` tokens of ctx+cont
                     lp = torch.log_softmax(logits[r, n - longest:n].float(), dim=-1)
-                    greedy = lp.argmax(dim=-1)
                     for i in served:
-                        cont = torch.tensor(requests[i][1], dtype=torch.long, device=lp.device)
-                        c = len(cont)
-                        tok_lp = lp[longest - c:].gather(-1, cont[:, None]).squeeze(-1)
-                        results[i] = (float(tok_lp.sum()), bool((greedy[longest - c:] == cont).all()))
+                        results[i] = self._score(lp[longest - len(requests[i][1]):], requests[i][1])
                     done += len(served)
                 del logits
                 bar.update(done)
         finally:
             bar.close()
         return results  # type: ignore[return-value]
+
+    def _after_prefill(self, requests: Sequence[TokenRequest], desc: str) -> list[tuple[float, bool]]:
+        """Each request alone: its context prefilled, its continuation run over that cache."""
+        results = []
+        bar = _progress(len(requests), desc, self.progress)
+        try:
+            for ctx, cont in requests:
+                inp = torch.tensor([self._input(ctx, cont)], dtype=torch.long)
+                split = inp.shape[1] - len(cont) + 1  # the context: every input token before the continuation's
+                logits = self.prefill_fn(inp[:, :split], inp[:, split:])
+                self.calls += 1
+                if logits.dim() != 3 or logits.shape[:2] != (1, len(cont)):
+                    raise TurboLMError(f"prefill_fn returned shape {tuple(logits.shape)} for a continuation of "
+                                       f"{len(cont)} tokens; expected [1, {len(cont)}, vocab]")
+                results.append(self._score(torch.log_softmax(logits[0].float(), dim=-1), cont))
+                bar.update(1)
+        finally:
+            bar.close()
+        return results
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc: str = "scoring") -> list[tuple[float, bool]]:
         return self.loglikelihood_tokens(self.encode_pairs(pairs, desc), desc)
@@ -195,14 +253,15 @@ def _progress(total: int, desc: str, enabled: bool):
 # --- rolling windows ------------------------------------------------------------------------------
 
 
-def rolling_windows(tokens: list[int], prefix_id: int, context_length: int, stride: int) -> list[TokenRequest]:
+def rolling_windows(tokens: list[int], prefix_id: int, context_length: int, stride: int,
+                    first: int | None = None) -> list[TokenRequest]:
     """Split a document into windows of ``context_length`` input tokens that together predict every token.
 
-    The sequence is ``[prefix] + tokens``. The first window predicts the first ``context_length`` tokens;
-    each later window predicts the next ``stride`` tokens with the ``context_length`` tokens before its
-    last prediction as input, i.e. at least ``context_length - stride`` tokens of context. With
-    ``stride == context_length`` these are lm-eval's ``loglikelihood_rolling`` windows (disjoint, the
-    last one with a full window of context)."""
+    The sequence is ``[prefix] + tokens``. The first window predicts the first ``first`` tokens
+    (default ``context_length``); each later window predicts the next ``stride`` tokens with the
+    ``context_length`` tokens before its last prediction as input, i.e. at least ``context_length -
+    stride`` tokens of context. With ``stride == context_length`` these are lm-eval's
+    ``loglikelihood_rolling`` windows (disjoint, the last one with a full window of context)."""
     if not 1 <= stride <= context_length:
         raise ParameterError(f"{{}} must be between 1 and the context length ({context_length}), got {stride}", "stride")
     x = [prefix_id] + list(tokens)
@@ -210,7 +269,7 @@ def rolling_windows(tokens: list[int], prefix_id: int, context_length: int, stri
     windows = []
     t0 = 1
     while t0 <= n:
-        t1 = min(t0 + (context_length if t0 == 1 else stride), n + 1)  # predict x[t0:t1]
+        t1 = min(t0 + ((first or context_length) if t0 == 1 else stride), n + 1)  # predict x[t0:t1]
         start = max(0, t1 - 1 - context_length)
         windows.append((x[start:t0], x[t0:t1]))
         t0 = t1
@@ -287,7 +346,9 @@ def evaluate_rolling(task: Task, scorer: Scorer, context_length: int | None = No
     for k, doc in enumerate(task.items):
         toks = enc[doc.text]
         n_tokens += len(toks)
-        for w in rolling_windows(toks, scorer.prefix_id, context_length, stride):
+        # after a prefill, every window scores `stride` tokens (the first's context is the prefix token alone)
+        first = stride if scorer.prefill_fn is not None else None
+        for w in rolling_windows(toks, scorer.prefix_id, context_length, stride, first):
             windows.append(w)
             owner.append(k)
     scores = scorer.loglikelihood_tokens(windows, desc=task.name)
@@ -335,4 +396,4 @@ def evaluate(tasks: Sequence[Task], scorer: Scorer, context_length: int | None =
 
 
 __all__ = ["ChoiceItem", "ContinuationItem", "Document", "Scorer", "evaluate", "evaluate_task", "hf_logits_fn",
-           "mean_stderr", "rolling_windows"]
+           "hf_prefill_fn", "mean_stderr", "rolling_windows"]

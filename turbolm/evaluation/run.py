@@ -7,6 +7,7 @@ scores everything; ``markdown_table(report)`` renders the result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..core.errors import ParameterError, TurboLMError
 from ..core.io import write_text
-from ..pruning.factory import PrunerSpec
+from ..pruning.factory import TOKEN_METHODS, PrunerSpec
 from .tasks import DEFAULT_DATA_DIR
 
 DEFAULT_PPL_CONTEXT = 2048  # default perplexity window (capped by the model's context)
@@ -28,7 +29,10 @@ class EvalConfig:
     ``task_files`` / ``task_paths`` when those are given; ["all"]: every built-in task);
     ``task_paths`` reads a built-in task from another file; ``limit``: the first N items of each
     task (``ppl_limit`` for WikiText, default ``limit``); ``pruned``: evaluate a pruned model
-    (``label`` names it in reports); ``out``: also write the report there as JSON."""
+    (``label`` names it in reports); ``after_prefill``: score every continuation after a prefill
+    of its context (one request at a time; perplexity windows of ``stride`` scored tokens, default
+    a quarter of the context length), with a token pruner skipping tokens in the prefill only -
+    the quality of what follows a pruned prompt; ``out``: also write the report there as JSON."""
 
     model: str | None = None
     dtype: str = "float32"
@@ -46,6 +50,7 @@ class EvalConfig:
     pruned: PrunerSpec | None = None
     label: str | None = None
     calibration_data: str | None = None  # for the KL to the dense model of a pruned one
+    after_prefill: bool = False
     out: str | None = None
 
 
@@ -140,6 +145,10 @@ def markdown_table(report: dict) -> str:
     if any(r.get("word_ppl") is not None for r in report["results"].values()):
         notes.append(f"wikitext: token-level ppl and lm-eval's word ppl, windows of {cfg['context_length']} tokens, "
                      f"stride {cfg['stride']}")
+    if cfg.get("after_prefill"):
+        notes.append("after prefill: every continuation (wikitext: every window's last stride tokens) scored in a "
+                     "second forward over the KV cache of its context's prefill; a token pruner skips tokens in the "
+                     "prefill only")
     if "lambada" in report["results"]:
         notes.append("lambada: acc = greedy continuation is the target word; ppl = exp(-mean log-prob of the target)")
     truncated = {n: r["truncated"] for n, r in report["results"].items() if r.get("truncated")}
@@ -154,23 +163,26 @@ def run_eval(config: EvalConfig, target=None, progress: bool = True) -> dict:
     everything, return the report (also written to ``config.out``)."""
     from ..core.generation import context_length
     from ..core.models import load_target
-    from .harness import Scorer, evaluate, hf_logits_fn
+    from .harness import Scorer, evaluate, hf_logits_fn, hf_prefill_fn
 
     tasks = select_tasks(config)
     if config.out:
         check_writable(Path(config.out))
     if config.batch_size < 1:
         raise ParameterError(f"{{}} must be >= 1, got {config.batch_size}", "batch_size")
-    if config.pruned is not None:
-        config.pruned.check()
+    spec = config.pruned
+    if spec is not None:
+        spec.check()
+        if config.after_prefill and spec.method in TOKEN_METHODS:  # tokens skipped in the prompt only
+            spec = dataclasses.replace(spec, prefill_only=True)
     model, tokenizer = target or load_target(config.model, dtype=config.dtype, device=config.device)
     reference, pruned = None, None
     equal_length, description = config.equal_length_batches, dense_description(model)
-    if config.pruned is not None:
+    if spec is not None:
         from ..pruning.factory import build_pruned
 
         reference = _dense_reference(config, model, tokenizer)  # before the model is pruned
-        pruned = build_pruned(model, tokenizer, config.pruned)
+        pruned = build_pruned(model, tokenizer, spec)
         equal_length = equal_length or pruned.token_level
         description = pruned.name
     max_length = context_length(model, tokenizer) or DEFAULT_PPL_CONTEXT
@@ -178,11 +190,15 @@ def run_eval(config: EvalConfig, target=None, progress: bool = True) -> dict:
     if ppl_context < 2 or ppl_context > max_length:
         raise ParameterError(f"{{}} must be between 2 and the model's context ({max_length}), got {ppl_context}",
                              "context_length")
-    stride = config.stride or ppl_context
+    stride = config.stride or (max(1, ppl_context // 4) if config.after_prefill else ppl_context)
     if not 1 <= stride <= ppl_context:
         raise ParameterError(f"{{}} must be between 1 and the context length ({ppl_context}), got {stride}", "stride")
+    if config.after_prefill and stride == ppl_context:
+        raise ParameterError(f"{{}} scores each window's last stride tokens after a prefill of the others: give {{}} "
+                             f"below the context length ({ppl_context})", "after_prefill", "stride")
     scorer = Scorer(hf_logits_fn(model), tokenizer, max_length=max_length, batch_size=config.batch_size,
-                    equal_length_batches=equal_length, progress=progress)
+                    equal_length_batches=equal_length, progress=progress,
+                    prefill_fn=hf_prefill_fn(model) if config.after_prefill else None)
 
     def said(name, r):
         if progress:
@@ -202,6 +218,7 @@ def run_eval(config: EvalConfig, target=None, progress: bool = True) -> dict:
                 "context_length": ppl_context if any(t.kind == "rolling" for t in tasks) else None,
                 "stride": stride if any(t.kind == "rolling" for t in tasks) else None,
                 "dtype": config.dtype, "device": config.device, "data_dir": str(config.data_dir),
+                "after_prefill": config.after_prefill,
             },
             "results": results,
         }

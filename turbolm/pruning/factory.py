@@ -19,6 +19,7 @@ from ..core.models import model_identity
 log = logging.getLogger(__name__)
 
 METHODS = ("ftp", "static", "random", "shortgpt", "blockpruner")
+TOKEN_METHODS = ("ftp", "static", "random")  # per-token routers; the others remove layers for every token
 DEFAULT_CALIBRATION = Path("../shared/data/alpaca/alpaca_5000.json")
 BLOCKPRUNER_CHUNKS = 2
 
@@ -60,7 +61,7 @@ class PrunerSpec:
         if self.method in ("shortgpt", "blockpruner") and (self.sparsity is None or not 0 < self.sparsity < 1):
             raise ParameterError(f"{{}} {self.method} needs {{}} S in (0, 1)", "method", "sparsity")
         for name in ("dense_kv", "prefill_only"):
-            if getattr(self, name) and self.method in ("shortgpt", "blockpruner"):
+            if getattr(self, name) and self.method not in TOKEN_METHODS:
                 raise ParameterError(f"{{}} is for token routers; {self.method} removes layers for every token", name)
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ParameterError(f"{{}} must be in [0, 1), got {self.sparsity}", "sparsity")
