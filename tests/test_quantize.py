@@ -20,8 +20,6 @@ from turbolm.core.quantize import INT4, INT8, kernel_available, quant_form, quan
 
 needs_int8 = pytest.mark.skipif(not (kernels.available() and kernel_available(INT8)),
                                 reason="this PyTorch build has no oneDNN / int8 weight-only kernel")
-needs_int4 = pytest.mark.skipif(not (kernels.available() and kernel_available(INT4)),
-                                reason="this PyTorch build has no oneDNN / int4 weight-only CPU kernel")
 
 
 def int8_form(weight):
@@ -82,64 +80,81 @@ def test_a_model_without_linear_layers_is_refused():
         quantize_int8(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
 
 
-@needs_int8
+def needs_kernel(scheme):
+    if not (kernels.available() and kernel_available(scheme)):
+        pytest.skip(f"this PyTorch build has no oneDNN / {scheme} weight-only kernel")
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_int8_kernel_computes_the_dequantised_product(rows):
+def test_the_kernel_computes_the_dequantised_product(scheme, rows):
+    needs_kernel(scheme)
     torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 40).to(torch.bfloat16).requires_grad_(False)
+    layer = torch.nn.Linear(96, 48).to(torch.bfloat16).requires_grad_(False)
     model = torch.nn.Sequential(layer)
     model.get_output_embeddings = lambda: None
-    quantize_int8(model)
+    quantize(model, scheme)
     x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    other = INT4 if scheme == INT8 else INT8
     with torch.inference_mode():
-        ours = kernels._run(INT8, x, layer.weight, layer.bias)
+        ours = kernels._run(scheme, x, layer.weight, layer.bias)
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-    assert ours.shape == (2, rows, 40) and ours.dtype is torch.bfloat16
+        # a kernel never runs another scheme's form, nor a float32 input: F.linear on the weight as it is
+        assert torch.equal(kernels._run(other, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+        assert torch.equal(kernels._run(scheme, x.float(), layer.weight.float(), None), F.linear(x.float(), layer.weight.float()))
+    assert ours.shape == (2, rows, 48) and ours.dtype is torch.bfloat16
     assert torch.allclose(ours.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     with torch.no_grad():
-        layer.weight.mul_(2)  # changed after quantising: its int8 copy is stale and never used
-    assert int8_form(layer.weight) is None
+        layer.weight.mul_(2)  # changed after quantising: its quantised copy is stale and never used
+    assert quant_form(layer.weight) is None
     with torch.inference_mode():
-        assert torch.equal(kernels._run(INT8, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+        assert torch.equal(kernels._run(scheme, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
 
 
-@needs_int8
-def test_int8_is_a_candidate_only_for_quantised_weights(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme", [INT8, INT4])
+def test_the_kernel_is_a_candidate_only_for_its_weights(scheme, tiny_dir, tmp_path, monkeypatch):
+    needs_kernel(scheme)
     monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
-    assert INT8 not in candidates("layers", 1, torch.bfloat16)
-    assert INT8 in candidates("layers", 1, torch.bfloat16, INT8)
+    other = INT4 if scheme == INT8 else INT8
+    assert scheme not in candidates("layers", 1, torch.bfloat16)
+    assert scheme in candidates("layers", 1, torch.bfloat16, scheme)
+    assert scheme not in candidates("layers", 1, torch.bfloat16, other)
+    assert (INT4 in candidates("layers", 1, torch.float32, INT4)) is False  # its float32 path is a slow reference loop
     plain, _ = load_target(tiny_dir, dtype="bfloat16")
-    model, _ = load_target(tiny_dir, dtype="int8")
-    assert model.dtype is torch.bfloat16 and quantization(model) == "int8" and describe_model(model)["dtype"] == "int8"
-    groups_plain, groups_int8 = kernels.linear_weights(plain), kernels.linear_weights(model)
+    model, _ = load_target(tiny_dir, dtype=scheme)
+    assert model.dtype is torch.bfloat16 and quantization(model) == scheme and describe_model(model)["dtype"] == scheme
+    groups_plain, groups = kernels.linear_weights(plain), kernels.linear_weights(model)
     assert kernels.quantized_groups(groups_plain) == {}
-    assert kernels.quantized_groups(groups_int8) == {"layers": INT8}  # (the tiny lm_head is in it too, unquantised)
-    assert table_key(groups_plain, torch.bfloat16) != table_key(groups_int8, torch.bfloat16)
+    assert kernels.quantized_groups(groups) == {"layers": scheme}  # (the tiny lm_head is in it too, unquantised)
+    other_model, _ = load_target(tiny_dir, dtype=other)
+    keys = {table_key(g, torch.bfloat16) for g in (groups_plain, groups, kernels.linear_weights(other_model))}
+    assert len(keys) == 3
 
     seen = []
 
-    def timer(group, rows, kernel):  # int8 fastest up to 4 rows, packed above
+    def timer(group, rows, kernel):  # the scheme's kernel fastest up to 4 rows, packed above
         seen.append((group, kernel))
-        return {INT8: 0.3 if rows <= 4 else 2.0, PACKED: 0.5}.get(kernel, 1.0)
+        return {scheme: 0.3 if rows <= 4 else 2.0, PACKED: 0.5}.get(kernel, 1.0)
 
     table = kernel_table(model, timer=timer, repeats=1, busy_cpus=None)  # cached even on a busy machine
-    assert table.kernels["layers"][:4] == (INT8, INT8, INT8, PACKED)
-    assert ("layers", INT8) in seen and all(k != INT8 for g, k in seen if g != "layers")
+    assert table.kernels["layers"][:4] == (scheme, scheme, scheme, PACKED)
+    assert ("layers", scheme) in seen and all(k != scheme for g, k in seen if g != "layers")
+    assert all(k != other for _, k in seen)
     assert kernel_table(model, timer=timer).source == "cached"  # its own cache entry round-trips
-    assert INT8 not in kernel_table(plain, timer=timer, repeats=1).kernels["layers"]
+    assert scheme not in kernel_table(plain, timer=timer, repeats=1).kernels["layers"]
 
     kernels.optimize_for_small_batches(model, table=table)
     assert table_of(model) is table
     ids = random_ids(12)
     with torch.inference_mode():
-        for n in (1, 3, 12):  # int8 (1, 3 rows) and packed (12) against plain F.linear on the same weights
+        for n in (1, 3, 12):  # the scheme's kernel (1, 3 rows) and packed (12) against plain F.linear on the same weights
             fast = model(ids[:, :n]).logits.float()
             kernels.restore(model)
             ref = model(ids[:, :n]).logits.float()
             kernels.optimize_for_small_batches(model, table=table)
             assert torch.allclose(fast, ref, atol=0.05 * ref.abs().max().item()), n
     kernels.restore(model)
-    assert all(type(m) is torch.nn.Linear for m in quantizable(model))
+    assert all(type(m) is torch.nn.Linear for m in quantizable(model, scheme))
 
 
 def test_generate_cli_with_int8(tiny_dir, capsys):
@@ -239,59 +254,6 @@ def test_int4_leaves_layers_the_kernel_cannot_take():
     assert quantizable(model, INT4) == [fit] and quantizable(model, INT8) == [keep, fit]
     quantize(model, INT4)
     assert torch.equal(keep.weight, before) and quant_form(keep.weight) is None and quant_form(fit.weight) is not None
-
-
-@needs_int4
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_int4_kernel_computes_the_dequantised_product(rows):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 48).to(torch.bfloat16).requires_grad_(False)
-    model = torch.nn.Sequential(layer)
-    quantize(model, INT4)
-    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        ours = kernels._run(INT4, x, layer.weight, layer.bias)
-        ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-    assert ours.shape == (2, rows, 48) and ours.dtype is torch.bfloat16
-    assert torch.allclose(ours.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-    with torch.inference_mode():  # the int8 kernel never runs an int4 form, nor a float32 input
-        assert torch.equal(kernels._run(INT8, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
-    with torch.no_grad():
-        layer.weight.mul_(2)  # changed after quantising: its int4 copy is stale and never used
-    assert quant_form(layer.weight) is None
-    with torch.inference_mode():
-        assert torch.equal(kernels._run(INT4, x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
-
-
-@needs_int4
-def test_int4_is_a_bfloat16_candidate_only_for_int4_weights(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("TURBOLM_CACHE", str(tmp_path / "cache"))
-    assert INT4 in candidates("layers", 1, torch.bfloat16, INT4)
-    assert INT4 not in candidates("layers", 1, torch.float32, INT4)  # its float32 path is a slow reference loop
-    assert INT4 not in candidates("layers", 1, torch.bfloat16, INT8)
-    model, _ = load_target(tiny_dir, dtype="int4")
-    int8, _ = load_target(tiny_dir, dtype="int8")
-    assert model.dtype is torch.bfloat16 and describe_model(model)["dtype"] == "int4"
-    groups = kernels.linear_weights(model)
-    assert kernels.quantized_groups(groups) == {"layers": INT4}
-    assert table_key(groups, torch.bfloat16) != table_key(kernels.linear_weights(int8), torch.bfloat16)
-
-    def timer(group, rows, kernel):  # int4 fastest up to 2 rows, packed above
-        assert kernel != INT8
-        return {INT4: 0.3 if rows <= 2 else 2.0, PACKED: 0.5}.get(kernel, 1.0)
-
-    table = kernel_table(model, timer=timer, repeats=1, busy_cpus=None)
-    assert table.kernels["layers"][:3] == (INT4, INT4, PACKED)
-    kernels.optimize_for_small_batches(model, table=table)
-    ids = random_ids(12)
-    with torch.inference_mode():
-        for n in (1, 2, 12):  # int4 (1, 2 rows) and packed (12) against plain F.linear on the same weights
-            fast = model(ids[:, :n]).logits.float()
-            kernels.restore(model)
-            ref = model(ids[:, :n]).logits.float()
-            kernels.optimize_for_small_batches(model, table=table)
-            assert torch.allclose(fast, ref, atol=0.05 * ref.abs().max().item()), n
-    kernels.restore(model)
 
 
 def test_int4_close_to_the_unquantised_model_and_generates(tiny_dir, capsys):
