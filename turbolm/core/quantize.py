@@ -106,10 +106,11 @@ def _int4(w: torch.Tensor) -> tuple[torch.Tensor, QuantForm]:
     s, z = scale_zero.float().unbind(-1)
     dequantised = ((q - 8) * s[..., None] + z[..., None]).view(out_features, in_features).to(w.dtype)
     q = q.view(out_features, in_features).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    # the kernel is a CPU one: a weight elsewhere (a GPU) keeps its dequantised values only
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) if w.device.type == "cpu" else None
     scales_and_zeros = scale_zero.transpose(0, 1).contiguous()  # (groups, out, 2), as the kernel takes them
     return dequantised, QuantForm(INT4, (packed, INT4_GROUP, scales_and_zeros), w.dtype,
-                                  packed.numel() + scales_and_zeros.numel() * scales_and_zeros.element_size())
+                                  q.numel() // 2 + scales_and_zeros.numel() * scales_and_zeros.element_size())
 
 
 def quantizable(model: nn.Module, scheme: str = INT8) -> list[nn.Linear]:
