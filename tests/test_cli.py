@@ -35,7 +35,7 @@ def test_generate_streams_text(capsys, tiny_dir):
     [
         (["--prompt", ""], "empty prompt"),
         (["--prompt", "word " * 700], "context is 512 tokens"),
-        (["--prompt", "hi", "--dtype", "int4"], "unsupported dtype"),
+        (["--prompt", "hi", "--dtype", "int3"], "unsupported dtype"),
         (["--prompt", "hi", "--device", "tpu"], "device"),
         (["--prompt", "hi", "--temperature", "-1"], "temperature"),
     ],
