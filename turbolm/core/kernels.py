@@ -75,7 +75,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import ParameterError
 from .machine import BUSY_CPUS
 from .patches import ModelPatch, active, find
-from .quantize import INT4, INT8, kernel_available, quant_form, quantized_product
+from .quantize import INT4, INT8, SCHEMES, kernel_available, quant_form, quantized_product
 
 #: rows per forward the table distinguishes; a forward over r rows takes the smallest bucket >= r
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -424,7 +424,7 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if kernel in (INT8, INT4):
+    if kernel in SCHEMES:
         form = quant_form(weight)
         if form is None or form.scheme != kernel or form.dtype is not x.dtype:  # changed since: the weight as it is
             return F.linear(x, weight, bias)
