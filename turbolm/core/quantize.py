@@ -45,7 +45,7 @@ INT8, INT4 = "int8", "int4"
 SCHEMES = (INT8, INT4)
 QMAX = 127  # int8: symmetric, [-127, 127]
 INT4_GROUP = 32  # int4: values per (scale, zero) group along the input dimension, as llama.cpp's Q4_1
-_INT4_N, _INT4_K = 16, INT4_GROUP  # the int4 kernel's shape rule: outputs % 16, inputs % the group size
+_INT4_OUT = 16  # the int4 kernel's shape rule: outputs a multiple of 16, inputs of the group size
 _KERNELS = {INT8: "_weight_int8pack_mm", INT4: "_weight_int4pack_mm_for_cpu"}
 _ATTR = "turbolm_quantization"  # set on a quantised model: its scheme
 # weight tensor -> (its storage/version key when quantised, its QuantForm)
@@ -122,7 +122,7 @@ def quantizable(model: nn.Module, scheme: str = INT8) -> list[nn.Linear]:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [m for m in model.modules()
             if isinstance(m, nn.Linear) and m is not head and id(m.weight) not in embeddings
-            and (scheme != INT4 or (m.out_features % _INT4_N == 0 and m.in_features % _INT4_K == 0))]
+            and (scheme != INT4 or (m.out_features % _INT4_OUT == 0 and m.in_features % INT4_GROUP == 0))]
 
 
 @torch.no_grad()
