@@ -197,6 +197,7 @@ def test_idempotent_restore_and_weight_changes(tiny_dir):
     assert restore(model) is model
     assert not is_optimized(model) and sum(type(m) is nn.Linear for m in model.modules()) == n_linear
     assert converted(model) == 0 and list(model.state_dict()) == keys
+    assert not any({"fast_plan", "fast_operands"} & set(vars(m)) for m in model.modules())  # nothing left behind
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, want)
     restore(model)  # restoring twice is harmless

@@ -423,21 +423,44 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return derived
 
 
-def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _operand(kernel: str, weight: torch.Tensor):
+    """What ``kernel`` multiplies by in place of ``weight``: its quantised form (None where the
+    weight is no longer the one quantised), or its derived copy."""
+    return quant_form(weight) if kernel in SCHEMES else _derived(weight, kernel)
+
+
+def _linear_pointwise(*args):
+    """oneDNN's linear on a packed weight; the op's overload is looked up once, on first use."""
+    global _linear_pointwise
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
+    return _linear_pointwise(*args)
+
+
+def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         operands: dict | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by ``kernel``. ``operands`` (a ``FastLinear``'s own): kernel ->
+    (the weight's key, its operand), so that a layer's call skips the shared caches' lookups."""
+    if operands is None:
+        operand = _operand(kernel, weight)
+    else:
+        key = (weight.data_ptr(), weight._version, weight.shape)
+        hit = operands.get(kernel)
+        if hit is None or hit[0] != key:
+            hit = operands[kernel] = (key, _operand(kernel, weight))
+        operand = hit[1]
     if kernel in SCHEMES:
-        form = quant_form(weight)
-        if form is None or form.scheme != kernel or form.dtype is not x.dtype:  # changed since: the weight as it is
+        if operand is None or operand.scheme != kernel or operand.dtype is not x.dtype:  # changed since: as it is
             return F.linear(x, weight, bias)
-        y = quantized_product(x.reshape(-1, x.shape[-1]).contiguous(), form)
+        y = quantized_product(x.reshape(-1, x.shape[-1]).contiguous(), operand)
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], weight.shape[0])
     if kernel == TRANSPOSED:
-        y = torch.mm(x.reshape(-1, x.shape[-1]), _derived(weight, TRANSPOSED))
+        y = torch.mm(x.reshape(-1, x.shape[-1]), operand)
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], weight.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, _derived(weight, PACKED), bias, "none", [], "")
+    return _linear_pointwise(x, operand, bias, "none", [], "")
 
 
 class Plan(NamedTuple):
@@ -463,9 +486,9 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pl
     dtype = plan.dtype
     if x.dtype is not dtype or weight.dtype is not dtype:
         return DEFAULT
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+    if not (x.is_cpu and weight.is_cpu) or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return DEFAULT
-    if bias is not None and (bias.dtype is not dtype or bias.device.type != "cpu"):
+    if bias is not None and (bias.dtype is not dtype or not bias.is_cpu):
         return DEFAULT
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return DEFAULT
@@ -503,12 +526,14 @@ class FastLinear(nn.Linear):
     (class swap); ``fast_plan`` is set per instance there."""
 
     fast_plan = Plan(torch.float32, 0, ())
+    #: kernel -> (weight key, operand), filled on use (see ``_run``); a dict per instance, set by the patch
+    fast_operands: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = DEFAULT if self.training else _kernel(x, self.weight, self.bias, self.fast_plan)
         if kernel == DEFAULT:
             return F.linear(x, self.weight, self.bias)
-        return _run(kernel, x, self.weight, self.bias)
+        return _run(kernel, x, self.weight, self.bias, self.fast_operands)
 
 
 class FastLinearPatch(ModelPatch):
@@ -540,6 +565,7 @@ class FastLinearPatch(ModelPatch):
                 self.replace(module, "__class__", FastLinear)
                 self.linears.append(module)
             self.replace(module, "fast_plan", plan)
+            self.replace(module, "fast_operands", {})
             self._register(module.weight, plan)
         for w in self.extra_weights:
             self._register(w, plan_for(self.table, w, self.max_rows))
