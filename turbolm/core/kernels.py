@@ -51,7 +51,10 @@ the weight tensor and checked against its storage and version: tied weights are 
 weight changed in place or moved is converted again, a deep copy that shares the weights
 (``truncated_draft``) shares them, and they are freed with the weight or by :func:`restore`. Only
 the kinds a table uses are kept (the measurement makes both, then drops the other): at most about
-one more copy of the weights in memory.
+one more copy of the weights in memory. Each ``FastLinear`` also keeps the operands it used (per
+kernel, keyed by its weight's pointer, version and shape; a dict the patch sets and takes away), so
+a decoding step's ~210 linear calls skip the shared caches' lookups: ~3 us of Python less per call,
+which is ~6% of an int4 token on a 2-core AMD EPYC.
 """
 
 from __future__ import annotations
