@@ -523,6 +523,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _run(kernel, x, weight, bias)
 
 
+class _Operands(dict):
+    """A ``FastLinear``'s operands by kernel (see ``_run``). A deep copy (``truncated_draft``'s copy
+    that shares the weights) starts empty and refills from the shared caches: the packed weights
+    are opaque tensors that cannot be copied, and sharing them costs no memory."""
+
+    def __deepcopy__(self, memo):
+        return _Operands()
+
+
 class FastLinear(nn.Linear):
     """An ``nn.Linear`` whose forward takes the kernel its ``fast_plan`` gives the row count (see
     the module doc). Made by :func:`optimize_for_small_batches` from an existing ``nn.Linear``
@@ -568,7 +577,7 @@ class FastLinearPatch(ModelPatch):
                 self.replace(module, "__class__", FastLinear)
                 self.linears.append(module)
             self.replace(module, "fast_plan", plan)
-            self.replace(module, "fast_operands", {})
+            self.replace(module, "fast_operands", _Operands())
             self._register(module.weight, plan)
         for w in self.extra_weights:
             self._register(w, plan_for(self.table, w, self.max_rows))
