@@ -53,7 +53,7 @@ weight changed in place or moved is converted again, a deep copy that shares the
 the kinds a table uses are kept (the measurement makes both, then drops the other): at most about
 one more copy of the weights in memory. Each ``FastLinear`` also keeps the operands it used (per
 kernel, keyed by its weight's pointer, version and shape; a dict the patch sets and takes away), so
-a decoding step's ~210 linear calls skip the shared caches' lookups: ~3 us of Python less per call,
+a decoding step's ~210 linear calls skip the shared caches' (weakly keyed) lookups: ~3 us of Python less per call,
 which is ~6% of an int4 token on a 2-core AMD EPYC.
 """
 
@@ -432,13 +432,6 @@ def _operand(kernel: str, weight: torch.Tensor):
     return quant_form(weight) if kernel in SCHEMES else _derived(weight, kernel)
 
 
-def _linear_pointwise(*args):
-    """oneDNN's linear on a packed weight; the op's overload is looked up once, on first use."""
-    global _linear_pointwise
-    _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
-    return _linear_pointwise(*args)
-
-
 def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          operands: dict | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by ``kernel``. ``operands`` (a ``FastLinear``'s own): kernel ->
@@ -463,7 +456,7 @@ def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], weight.shape[0])
-    return _linear_pointwise(x, operand, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, operand, bias, "none", [], "")
 
 
 class Plan(NamedTuple):

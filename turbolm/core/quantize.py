@@ -50,7 +50,6 @@ _KERNELS = {INT8: "_weight_int8pack_mm", INT4: "_weight_int4pack_mm_for_cpu"}
 _ATTR = "turbolm_quantization"  # set on a quantised model: its scheme
 # weight tensor -> (its storage/version key when quantised, its QuantForm)
 _FORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_OPS: dict = {}  # scheme -> its kernel's overload, looked up on first use
 
 
 class QuantForm(NamedTuple):
@@ -71,10 +70,7 @@ def kernel_available(scheme: str) -> bool:
 
 def quantized_product(x: torch.Tensor, form: QuantForm) -> torch.Tensor:
     """``x`` (rows, in) times the weight ``form`` holds, transposed: (rows, out), by its kernel."""
-    op = _OPS.get(form.scheme)
-    if op is None:
-        op = _OPS[form.scheme] = getattr(torch.ops.aten, _KERNELS[form.scheme]).default
-    return op(x, *form.args)
+    return getattr(torch.ops.aten, _KERNELS[form.scheme])(x, *form.args)
 
 
 def _key(weight: torch.Tensor) -> tuple:
