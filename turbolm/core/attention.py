@@ -53,7 +53,7 @@ def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout: float =
             attention_mask = attention_mask.reshape(attention_mask.shape[0], heads // groups, groups, -1)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                dropout_p=dropout, scale=scaling)
-        return out.reshape(out.shape[0], heads, 1, dim).transpose(1, 2).contiguous(), None
+        return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                            scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
