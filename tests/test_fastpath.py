@@ -203,6 +203,17 @@ def test_idempotent_restore_and_weight_changes(tiny_dir):
     restore(model)  # restoring twice is harmless
 
 
+def test_weights_made_under_inference_mode():
+    """Inference tensors carry no version counter: a layer built under inference_mode still runs fast."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32)).eval()
+        x = torch.randn(3, 64)
+        want = model(x)
+        optimize_for_small_batches(model, force=True)
+        assert all(type(m) is FastLinear for m in model)
+        assert close(model(x), want) and close(model(x[:1]), want[:1])
+
+
 def test_subclasses_of_linear_are_left_alone():
     class Custom(nn.Linear):
         pass

@@ -52,7 +52,7 @@ weight changed in place or moved is converted again, a deep copy that shares the
 (``truncated_draft``) shares them, and they are freed with the weight or by :func:`restore`. Only
 the kinds a table uses are kept (the measurement makes both, then drops the other): at most about
 one more copy of the weights in memory. Each ``FastLinear`` also keeps the operands it used (per
-kernel, keyed by its weight's pointer, version and shape; a dict the patch sets and takes away), so
+kernel, keyed by ``quantize.weight_key``; a dict the patch sets and takes away), so
 a decoding step's ~210 linear calls skip the shared caches' (weakly keyed) lookups: ~3 us of Python less per call,
 which is ~6% of an int4 token on a 2-core AMD EPYC.
 """
@@ -78,7 +78,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import ParameterError
 from .machine import BUSY_CPUS
 from .patches import ModelPatch, active, find
-from .quantize import INT4, INT8, SCHEMES, kernel_available, quant_form, quantized_product
+from .quantize import INT4, INT8, SCHEMES, kernel_available, quant_form, quantized_product, weight_key
 
 #: rows per forward the table distinguishes; a forward over r rows takes the smallest bucket >= r
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -409,10 +409,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
 def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """A copy of ``weight`` (out, in), made once per weight value: ``packed`` (oneDNN's
     layout) or ``transposed`` ((in, out), contiguous)."""
-    # Inference tensors (made under torch.inference_mode, e.g. a draft's gathered lm_head rows)
-    # carry no version counter; they are never updated in place by our code.
-    version = -1 if weight.is_inference() else weight._version
-    key = (weight.data_ptr(), version, weight.shape, weight.dtype, weight.device)
+    key = weight_key(weight)
     copies = _DERIVED.get(weight)
     if copies is None:
         copies = _DERIVED[weight] = {}
@@ -439,7 +436,7 @@ def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if operands is None:
         operand = _operand(kernel, weight)
     else:
-        key = (weight.data_ptr(), weight._version, weight.shape)
+        key = weight_key(weight)
         hit = operands.get(kernel)
         if hit is None or hit[0] != key:
             hit = operands[kernel] = (key, _operand(kernel, weight))

@@ -73,14 +73,18 @@ def quantized_product(x: torch.Tensor, form: QuantForm) -> torch.Tensor:
     return getattr(torch.ops.aten, _KERNELS[form.scheme])(x, *form.args)
 
 
-def _key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What a copy made from ``weight`` (a quantised form, a packed or transposed copy) is valid for:
+    its storage, version, shape, dtype and device. Inference tensors (made under
+    ``torch.inference_mode``) carry no version counter; turbolm never updates them in place."""
+    version = -1 if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.shape, weight.dtype, weight.device)
 
 
 def quant_form(weight: torch.Tensor) -> QuantForm | None:
     """The form :func:`quantize` rounded ``weight`` to, or None (not quantised, or changed since)."""
     entry = _FORMS.get(weight)
-    if entry is None or entry[0] != _key(weight):
+    if entry is None or entry[0] != weight_key(weight):
         return None
     return entry[1]
 
@@ -151,7 +155,7 @@ def quantize(model: nn.Module, scheme: str = INT8) -> nn.Module:
                                  "model")
         dequantised, form = (_int4 if scheme == INT4 else _int8)(w.detach())
         w.copy_(dequantised)
-        _FORMS[w] = (_key(w), form)
+        _FORMS[w] = (weight_key(w), form)
     setattr(model, _ATTR, scheme)
     return model
 
