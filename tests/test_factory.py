@@ -4,6 +4,7 @@ the evaluation alike; library errors name parameters, the command line names fla
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -208,3 +209,53 @@ def test_pruner_spec_and_factory(tiny, tmp_path):
             assert not torch.equal(model(ids).logits, dense)
         assert torch.equal(model(ids).logits, dense)
         assert pruned.compute_removed() is not None and 0 < pruned.compute_removed() < 1
+
+
+def test_auto_tree_when_sampling_sizes_from_a_sampled_table(tiny, tmp_path, monkeypatch):
+    """A decoder built for sampling sizes its tree from statistics recorded sampling with the same
+    settings: measured once and cached beside the greedy table (which stays and still serves greedy
+    decoders), then read back; a stored acceptance.json's sampled table is used without measuring."""
+    from turbolm.speculative import sizing
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    DraftModel(DraftConfig.for_target(model, arch="jakiro")).save(tmp_path / "d")
+    grid = SizingGrid(total_tokens=(2, 4, 8), depths=(2, 3), top_ks=(2,), verify_sizes=(1, 3, 5, 9),
+                      prompts=("Hello world",), max_new_tokens=8)
+    t1 = SamplingParams(temperature=1.0, seed=5)
+    greedy_spec = DecoderSpec("jakiro", draft=str(tmp_path / "d"))
+    _seed_tree_cache(model, tok, greedy_spec, grid, tmp_path, monkeypatch)  # greedy: 8 / 3 / 2 wins
+    assert build_decoder(model, tok, greedy_spec, grid=grid).tree_choice.tree == TreeConfig(8, 3, 2)
+
+    recorded = []
+    real = sizing.record_acceptance
+
+    def record(*a, sampling=None, **k):
+        recorded.append(sampling)
+        return real(*a, sampling=sampling, **k)
+
+    monkeypatch.setattr(sizing, "record_acceptance", record)
+    lines = []
+    choice = build_decoder(model, tok, replace(greedy_spec, sampling=t1), grid=grid, log=lines.append).tree_choice
+    assert recorded == [t1] and any("temperature 1" in line for line in lines)
+    path = next((tmp_path / "cache" / "tree-sizing").glob("*.json"))
+    entry = json.loads(path.read_text())
+    assert entry["acceptance"]["accepted"]["3"]["2"]["8"] == 2.4  # the greedy table kept
+    (sampled,) = entry["sampled_acceptance"]
+    assert sampled["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert choice.tokens_per_step == 1 + sampled["accepted"][str(choice.tree.depth)]["2"][str(choice.tree.total_tokens)]
+    # Cached: no second recording, for this setting; greedy still reads its own table.
+    build_decoder(model, tok, replace(greedy_spec, sampling=SamplingParams(temperature=1.0)), grid=grid)
+    assert build_decoder(model, tok, greedy_spec, grid=grid).tree_choice.tree == TreeConfig(8, 3, 2)
+    assert recorded == [t1]
+
+    # Stored with the draft: the sampled table of acceptance.json is used, nothing measured.
+    table = sizing.AcceptanceTable({"2": {"2": {"2": 0.5, "4": 0.6}}, "3": {"2": {"4": 0.7, "8": 0.8}}}, 10,
+                                   version=2)
+    table.sampled.append(asdict(sizing.AcceptanceTable({"2": {"2": {"2": 0.3, "4": 0.31}}, "3": {"2": {"4": 0.32,
+                                                        "8": 0.33}}}, 10, version=2, sampling=sampled["sampling"])))
+    table.save(tmp_path / "d" / "acceptance.json")
+    path.unlink()
+    _seed_tree_cache(model, tok, greedy_spec, grid, tmp_path, monkeypatch, acceptance=False)
+    choice = build_decoder(model, tok, replace(greedy_spec, sampling=t1), grid=grid).tree_choice
+    assert recorded == [t1] and choice.tokens_per_step == 1 + 0.3 and choice.tree == TreeConfig(2, 2, 2)

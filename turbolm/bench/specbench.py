@@ -244,9 +244,10 @@ def hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int, sampling:
 
 def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
     """The DecoderSpec of one of turbolm's own methods in this run: the one ``turbolm generate``
-    builds for the same draft and tree flags (prompt lookup keeps a fixed tree)."""
+    builds for the same draft, tree and sampling flags (prompt lookup keeps a fixed tree)."""
     name, adaptive = split_method(name)
     sizes = {"total_tokens": config.total_tokens, "depth": config.depth, "top_k": config.top_k, "adaptive": adaptive}
+    sampling = SamplingParams(temperature=config.temperature) if config.temperature else None
     if name == "vanilla":
         return DecoderSpec("none")
     if name == "prompt-lookup":
@@ -254,8 +255,8 @@ def decoder_spec(name: str, config: SpecBenchConfig) -> DecoderSpec:
     drafts = config.drafts or {}
     if name == "hybrid":  # prompt lookup with the Jakiro draft of this run unless it has its own
         return DecoderSpec(name, draft=drafts.get(name, drafts.get("jakiro")), tree=config.tree,
-                           hybrid_mode=config.hybrid_mode, retime=config.retime, **sizes)
-    return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, retime=config.retime, **sizes)
+                           hybrid_mode=config.hybrid_mode, retime=config.retime, sampling=sampling, **sizes)
+    return DecoderSpec(name, draft=drafts.get(name), tree=config.tree, retime=config.retime, sampling=sampling, **sizes)
 
 
 def split_method(name: str) -> tuple[str, bool]:

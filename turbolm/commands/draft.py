@@ -36,10 +36,14 @@ def register(sub) -> None:
     add_model_args(p, flag="--target", fast_cpu=False)
     p.set_defaults(run=cmd_prepare, flags={"model": "--target"})
 
-    c = steps.add_parser("calibrate", help="measure a trained draft's acceptance (greedy, built-in prompts, one big "
-                                           "tree) and store it with the checkpoint, for --tree auto on any machine")
+    c = steps.add_parser("calibrate", help="measure a trained draft's acceptance (greedy and sampling, built-in "
+                                           "prompts, every depth's own tree) and store it with the checkpoint, for "
+                                           "--tree auto on any machine")
     c.add_argument("--draft", required=True, help="draft checkpoint directory (acceptance.json is written there)")
     c.add_argument("--max-new-tokens", type=int, default=128, help="tokens per calibration prompt (default: 128)")
+    c.add_argument("--temperatures", type=float, nargs="*", default=[1.0],
+                   help="also record sampling at these temperatures, for --tree auto when sampling (default: 1.0; "
+                        "none: greedy only; another temperature is recorded on first use and cached)")
     add_model_args(c, flag="--target", fast_cpu=False)
     c.set_defaults(run=cmd_calibrate, flags={"model": "--target"})
 
@@ -185,9 +189,17 @@ def cmd_calibrate(args) -> int:
     from ..speculative.tree import TreeConfig
 
     model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
-    table = calibrate_draft(args.draft, model, tokenizer, max_new_tokens=args.max_new_tokens)
+    bad = [t for t in args.temperatures if not 0 < t < float("inf")]
+    if bad:
+        raise ParameterError(f"{{}} must be numbers > 0, got {bad[0]}", "temperatures")
+    table = calibrate_draft(args.draft, model, tokenizer, max_new_tokens=args.max_new_tokens,
+                            temperatures=tuple(args.temperatures))
     best = max(((d, k, n, v) for d, ks in table.accepted.items() for k, ns in ks.items() for n, v in ns.items()),
                key=lambda r: r[3])
     print(f"{Path(args.draft) / ACCEPTANCE_FILE}: {table.steps} steps recorded; mean accepted tokens per step from "
           f"{table.expected(TreeConfig(1, 1, 1)) + 1:.2f} (1 node) to {best[3] + 1:.2f} ({best[2]} nodes, depth {best[0]}, top-k {best[1]})")
+    for sampled in map(type(table).from_dict, table.sampled):
+        print(f"  sampling at temperature {sampled.sampling['temperature']:g}: {sampled.steps} steps; "
+              f"{sampled.expected(TreeConfig(1, 1, 1)) + 1:.2f} (1 node) to "
+              f"{sampled.expected(TreeConfig(64, 6, 4)) + 1:.2f} (64 nodes, depth 6, top-k 4)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 
 from ..core.errors import ParameterError, TurboLMError
 from .common import add_model_args, add_sampling_args, load_model, read_prompt, sampling, utf8_text, write_out
@@ -114,7 +115,7 @@ def run(args) -> int:
     params = sampling(args)
     if not prompt.strip():
         raise ParameterError("empty prompt: give some text with {}", "prompt")
-    spec = decoder_spec(args)
+    spec = replace(decoder_spec(args), sampling=params)  # --tree auto sizes the tree for this sampling
     model, tokenizer = load_model(args)
     ids = encode_prompt(tokenizer, prompt, system=args.system, chat=not args.raw)
     decoder = build(model, tokenizer, spec)  # before the pruner: --tree auto times the dense target

@@ -144,6 +144,7 @@ class SpeculativeGenerator:
             )
             logits = out.logits[0]
             forwards += 1
+            self.proposer.verified(tree, logits)
             if sampling.greedy:
                 path, bonus = accept_greedy(tree, logits.argmax(-1).tolist())
             else:

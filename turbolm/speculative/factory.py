@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ParameterError, literal
-from ..core.generation import VanillaDecoder
+from ..core.generation import SamplingParams, VanillaDecoder
 from .engine import SpeculativeGenerator
 from .sizing import SizingGrid, auto_tree, stored_acceptance, timing_key
 from .tree import TreeConfig
@@ -45,6 +45,8 @@ class DecoderSpec:
     one-token step, whichever is measured faster on the text being written (``SpeculationGate``).
     ``retime``: with an automatic tree, time the target and the draft again instead of trusting the
     cached timings (which are checked against a fresh one-token step on every use anyway).
+    ``sampling``: the sampling the decoder will be used with, for ``--tree auto`` (None: greedy;
+    sampling accepts fewer draft tokens, so its tree is sized from statistics recorded sampling).
     """
 
     method: str = "none"
@@ -58,6 +60,7 @@ class DecoderSpec:
     hybrid_mode: str | None = None
     adaptive: bool = False
     retime: bool = False
+    sampling: SamplingParams | None = None
 
     @property
     def manual_tree(self) -> bool:
@@ -133,7 +136,7 @@ def build_decoder(model, tokenizer, spec: DecoderSpec, *, log: Callable[[str], N
     decoder = SpeculativeGenerator(model, tokenizer, proposer, tree, adaptive=spec.adaptive)
     if spec.auto_tree:
         decoder.tree_choice = auto_tree(decoder, acceptance=acceptance, draft_id=draft_id, log=log,
-                                        grid=grid or SizingGrid(), retime=spec.retime)
+                                        grid=grid or SizingGrid(), retime=spec.retime, sampling=spec.sampling)
     return decoder
 
 

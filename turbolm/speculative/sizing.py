@@ -66,6 +66,10 @@ GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 GRID_DEPTH = (1, 2, 3, 4, 5, 6, 7, 8)
 GRID_TOP_K = (1, 2, 3, 4, 6, 8, 10)
 CALIBRATION_TREE = TreeConfig(total_tokens=64, depth=8, top_k=10)
+# Sampling: every step verifies all of the trees recorded (a depth-6, top-4 tree has 84 candidates, plus
+# the contrastive last levels of the shallower ones), and sampling accepts fewer nodes than greedy
+# decoding, so trees bigger than this are rarely worth their verification.
+SAMPLED_CALIBRATION_TREE = TreeConfig(total_tokens=64, depth=6, top_k=4)
 CALIBRATION_PROMPTS = (
     "Write a short story about a robot who learns to paint.",
     "Explain how a hash table works and give a Python example.",
@@ -161,14 +165,53 @@ def _follow(tree: Tree, tokens: list[int]) -> list[int]:
     return path
 
 
-def _shared(tree: Tree, other: Tree) -> list[int]:
-    """The nodes of ``tree`` whose token path is also in ``other`` (same root)."""
+def _mapping(tree: Tree, other: Tree) -> list[int | None]:
+    """For each node of ``other`` (same root), the node of ``tree`` with the same token path, or None."""
     mapped: list[int | None] = [0] + [None] * (len(other) - 1)
     for j in range(1, len(other)):
         parent = mapped[other.parents[j]]
         if parent is not None:
             mapped[j] = next((c for c in tree.children[parent] if tree.tokens[c] == other.tokens[j]), None)
-    return [m for m in mapped[1:] if m is not None]
+    return mapped
+
+
+def union_tree(trees: list[Tree]) -> tuple[Tree, list[list[int]]]:
+    """The trie union of trees with one root, and for each tree the union node of each of its nodes."""
+    tokens, parents, scores = [trees[0].tokens[0]], [-1], [0.0]
+    node_of: dict[tuple[int, int], int] = {}
+    maps = []
+    for tree in trees:
+        if tree.tokens[0] != tokens[0]:
+            raise ValueError("union_tree needs trees with the same root")
+        mapped = [0] * len(tree)
+        for j in range(1, len(tree)):  # parents come first
+            key = (mapped[tree.parents[j]], tree.tokens[j])
+            if key not in node_of:
+                node_of[key] = len(tokens)
+                tokens.append(key[1]), parents.append(key[0]), scores.append(tree.scores[j])
+            mapped[j] = node_of[key]
+        maps.append(mapped)
+    return Tree(tokens, parents, scores), maps
+
+
+def reach_probabilities(tree: Tree, probs: torch.Tensor) -> list[float]:
+    """For each node, the probability that sampling verification (:func:`verify.accept_sampling`)
+    accepts it: the product of the target's probabilities along its path. ``probs[i]`` is the
+    target's sampling distribution after node i. Recursive rejection over distinct, deterministic
+    candidates accepts a child exactly when the target's own sample is that child's token, so the
+    expected number of accepted nodes of any tree is the sum of its nodes' reach probabilities."""
+    child_p = probs[torch.tensor(tree.parents[1:]), torch.tensor(tree.tokens[1:])].tolist() if len(tree) > 1 else []
+    reach = [1.0] * len(tree)
+    for i in range(1, len(tree)):
+        reach[i] = reach[tree.parents[i]] * child_p[i - 1]
+    return reach
+
+
+def sampling_settings(sampling) -> dict:
+    """What a sampled acceptance table depends on: temperature, top-p, top-k ({} for greedy)."""
+    if sampling is None or sampling.greedy:
+        return {}
+    return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p), "top_k": int(sampling.top_k)}
 
 
 def ngram_settings(ngram) -> dict:
@@ -184,7 +227,10 @@ class AcceptanceTable:
     ``version``: 1 for old files (one big tree, smaller depths rebuilt inside it: optimistic for
     Jakiro's hybrid trees), 2 for exact tables. ``ngram``: version 2's table for a hybrid ``merge``
     tree, ``{"settings", "accepted", "extra_nodes"}``, the latter the mean number of n-gram nodes
-    the merge adds to the draft's tree. ``extra_nodes``: set on the view :meth:`with_ngram` returns."""
+    the merge adds to the draft's tree. ``extra_nodes``: set on the view :meth:`with_ngram` returns.
+    ``sampling``: the sampling settings the table was recorded with (:func:`sampling_settings`; empty:
+    greedy). ``sampled``: tables of the same draft recorded while sampling, in their JSON form (a
+    greedy table's statistics overestimate what sampling accepts; :meth:`for_sampling` picks one)."""
 
     accepted: dict
     steps: int
@@ -192,6 +238,8 @@ class AcceptanceTable:
     version: int = 1
     ngram: dict = field(default_factory=dict)
     extra_nodes: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
+    sampled: list = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -210,7 +258,16 @@ class AcceptanceTable:
         if not self.ngram or self.ngram.get("settings") != settings:
             return None
         return AcceptanceTable(self.ngram["accepted"], self.steps, self.calibration, self.version,
-                               extra_nodes=self.ngram["extra_nodes"])
+                               extra_nodes=self.ngram["extra_nodes"], sampling=self.sampling)
+
+    def for_sampling(self, sampling) -> AcceptanceTable | None:
+        """The table for decoding with ``sampling`` (a SamplingParams; None or temperature 0: greedy):
+        this one if it was recorded that way, else the stored table recorded with the same settings,
+        else None."""
+        want = sampling_settings(sampling)
+        if self.sampling == want:
+            return self
+        return next((t for t in map(AcceptanceTable.from_dict, self.sampled) if t.sampling == want), None)
 
     def candidates(self) -> list[TreeConfig]:
         return [TreeConfig(int(n), int(d), int(k)) for d, ks in self.accepted.items() for k, ns in ks.items() for n in ns
@@ -235,9 +292,17 @@ class AcceptanceTable:
             raise ValueError(f"steps is {table.steps!r}, not a positive count")
         if not isinstance(table.version, int) or isinstance(table.version, bool):
             raise ValueError(f"version is {table.version!r}")
-        for name in ("calibration", "ngram", "extra_nodes"):
+        for name in ("calibration", "ngram", "extra_nodes", "sampling"):
             if not isinstance(getattr(table, name), dict):
                 raise ValueError(f"{name} is not a JSON object")
+        if not isinstance(table.sampled, list):
+            raise ValueError("sampled is not a JSON list")
+        for i, entry in enumerate(table.sampled):
+            try:
+                if not cls.from_dict(entry).sampling:
+                    raise ValueError("no sampling settings")
+            except ValueError as e:
+                raise ValueError(f"sampled[{i}]: {e}") from None
         if table.ngram:
             if not isinstance(table.ngram.get("settings"), dict):
                 raise ValueError("ngram.settings is not a JSON object")
@@ -292,26 +357,41 @@ class AcceptanceCounts:
         self.sums, self.merged, self.added = zeros(), zeros(), zeros()
 
     def add(self, trees: dict[int, Tree], continuation: list[int], ngram: Tree | None = None) -> None:
+        """One greedy step: a node is accepted when it spells part of the target's own ``continuation``."""
+        def on_path(tree):
+            return dict.fromkeys(_follow(tree, continuation), 1.0)
+
+        self.add_weighted(trees, {d: on_path(trees[d]) for d in self.depths}, ngram,
+                          on_path(ngram) if ngram is not None else None)
+
+    def add_weighted(self, trees: dict[int, Tree], weights: dict[int, dict[int, float]], ngram: Tree | None = None,
+                     ngram_weights: dict[int, float] | None = None) -> None:
+        """One step in which verification accepts node n of the depth-d tree with probability
+        ``weights[d][n]`` (absent: 0) and n-gram node g with ``ngram_weights[g]``: a tree rebuilt
+        inside it (or merged with the n-gram tree) accepts, on average, the sum of its nodes'
+        weights (greedy: 1 on the target's own continuation; sampling: the reach probability)."""
         self.steps += 1
-        ngram_accepts = len(_follow(ngram, continuation)) if ngram is not None else 0
         for d in self.depths:
-            tree = trees[d]
-            path = _follow(tree, continuation)
-            shared = _shared(tree, ngram) if ngram is not None else []
+            tree, weight = trees[d], weights[d]
+            in_tree = _mapping(tree, ngram)[1:] if ngram is not None else []
             for k in self.top_ks:
                 rank = candidate_ranks(tree.children, tree.scores, tree.depths, d, k)
-                ranks = _path_ranks(rank, path)
-                shared_ranks = [rank[n] for n in shared if n in rank]
+                weighted = [(rank[n], w) for n, w in weight.items() if n in rank]
+                # n-gram nodes with the rank of their twin in the rebuilt tree (math.inf: none there)
+                grams = [(rank.get(t, math.inf) if t is not None else math.inf, ngram_weights.get(g, 0.0))
+                         for g, t in enumerate(in_tree, 1)]
                 sums, merged, added = self.sums[str(d)][str(k)], self.merged[str(d)][str(k)], self.added[str(d)][str(k)]
                 for n in self.totals:
-                    accepts = sum(r < n for r in ranks)
+                    accepts = sum(w for r, w in weighted if r < n)
                     sums[str(n)] += accepts
                     if ngram is not None:
-                        merged[str(n)] += max(accepts, ngram_accepts)
-                        added[str(n)] += len(ngram) - 1 - sum(r < n for r in shared_ranks)
+                        outside = [w for r, w in grams if r >= n]  # the n-gram nodes the merge adds
+                        merged[str(n)] += accepts + sum(outside)
+                        added[str(n)] += len(outside)
 
-    def table(self, calibration: dict, ngram: dict | None = None) -> AcceptanceTable:
-        """The means; ``ngram``: the prompt-lookup settings of the n-gram trees given to :meth:`add`."""
+    def table(self, calibration: dict, ngram: dict | None = None, sampling: dict | None = None) -> AcceptanceTable:
+        """The means; ``ngram``: the prompt-lookup settings of the n-gram trees given to :meth:`add`;
+        ``sampling``: the sampling settings of the steps (:func:`sampling_settings`)."""
         if not self.steps:
             raise TurboLMError("no speculative steps were recorded to measure the draft's acceptance")
 
@@ -319,18 +399,28 @@ class AcceptanceCounts:
             return {d: {k: {n: v / self.steps for n, v in ns.items()} for k, ns in ks.items()} for d, ks in sums.items()}
 
         extra = {"settings": ngram, "accepted": mean(self.merged), "extra_nodes": mean(self.added)} if ngram else {}
-        return AcceptanceTable(mean(self.sums), self.steps, calibration, ACCEPTANCE_VERSION, extra)
+        return AcceptanceTable(mean(self.sums), self.steps, calibration, ACCEPTANCE_VERSION, extra,
+                               sampling=sampling or {})
 
 
 class AcceptanceRecorder(Proposer):
     """Wraps a draft proposer for calibration. Each step the draft drafts, at one state, the tree
-    of every recorded depth with ``tree``'s top_k and every candidate kept, and the engine verifies
-    the deepest one cut to ``tree.total_tokens`` nodes. Steps whose root is one of the first
-    ``max_new_tokens`` answer tokens are scored once the target's own continuation is known (the
-    answer ``lookahead`` tokens further on): generate ``max_new_tokens + lookahead`` tokens and call
-    :meth:`finish` with the whole sequence after each generation."""
+    of every recorded depth with ``tree``'s top_k and every candidate kept.
 
-    def __init__(self, proposer, grid: SizingGrid, tree: TreeConfig, ngram=None, max_new_tokens: int = 64):
+    Greedy (``sampling`` None): the engine verifies the deepest tree cut to ``tree.total_tokens``
+    nodes. Steps whose root is one of the first ``max_new_tokens`` answer tokens are scored once the
+    target's own continuation is known (the answer ``lookahead`` tokens further on): generate
+    ``max_new_tokens + lookahead`` tokens and call :meth:`finish` with the whole sequence after each
+    generation.
+
+    Sampling: for those steps the engine verifies the union of every tree (and the n-gram tree),
+    and the target's distribution at each of its nodes (:meth:`verified`) gives every node's
+    probability of being accepted (:func:`reach_probabilities`); the step is scored at once
+    (generate ``max_new_tokens + lookahead`` tokens all the same, so no recorded step's trees are cut
+    for the end of the budget)."""
+
+    def __init__(self, proposer, grid: SizingGrid, tree: TreeConfig, ngram=None, max_new_tokens: int = 64,
+                 sampling=None):
         depths = [d for d in grid.depths if d <= tree.depth]
         top_ks = [k for k in grid.top_ks if k <= tree.top_k]
         if not hasattr(proposer, "propose_per_depth"):
@@ -347,24 +437,49 @@ class AcceptanceRecorder(Proposer):
         self.every = TreeConfig(every, deepest, k)
         self.ngram = ngram
         self.counts = AcceptanceCounts(depths, top_ks, grid.total_tokens)
+        self.sampling = None if sampling is None or sampling.greedy else sampling
+        # greedy: the continuation that scores a step; both: room that no recorded step's trees are cut for
         self.lookahead = max(deepest, ngram.tree.depth if ngram is not None else 0)
         self.max_new_tokens = max_new_tokens
         self._prompt_length = 0
-        self._open: list = []  # (context length, trees, n-gram tree) waiting for their continuation
+        self._open: list = []  # greedy: (context length, trees, n-gram tree) waiting for their continuation
+        self._union = None  # sampling: (union tree, trees, n-gram tree, node maps) of the step being verified
+
+    @property
+    def max_nodes(self) -> int:
+        return 1024 if self.sampling else self.tree.total_tokens
 
     def check_compatible(self, target, tokenizer) -> None:
         self.inner.check_compatible(target, tokenizer)
 
     def start(self, prompt_ids, features=None) -> None:
-        self._open, self._prompt_length = [], len(prompt_ids)
+        self._open, self._union, self._prompt_length = [], None, len(prompt_ids)
         self.inner.start(prompt_ids, features)
 
     def propose(self, context: list[int], max_depth: int) -> Tree:
         trees = self.inner.propose_per_depth(context, self.every, self.counts.depths)
         if len(context) - self._prompt_length <= self.max_new_tokens:
             ngram = self.ngram.propose(context, self.ngram.tree.depth) if self.ngram is not None else None
+            if self.sampling:
+                parts = [trees[d] for d in sorted(trees, reverse=True)] + ([ngram] if ngram is not None else [])
+                union, maps = union_tree(parts)
+                self._union = (union, trees, ngram, maps)
+                return union
             self._open.append((len(context), trees, ngram))
         return trees[self.tree.depth].best(self.tree.total_tokens)
+
+    def verified(self, tree: Tree, logits) -> None:
+        pending, self._union = self._union, None
+        if pending is None or len(tree) != len(pending[0]):  # not a recorded step (or cut short: not scored)
+            return
+        from ..core.generation import logits_to_probs
+
+        union, trees, ngram, maps = pending
+        reach = reach_probabilities(union, logits_to_probs(logits, self.sampling))
+        depths = sorted(trees, reverse=True)
+        weights = {d: {n: reach[u] for n, u in enumerate(maps[i]) if n} for i, d in enumerate(depths)}
+        grams = {g: reach[u] for g, u in enumerate(maps[-1]) if g} if ngram is not None else None
+        self.counts.add_weighted(trees, weights, ngram, grams)
 
     def accepted(self, context, n_new, features=None) -> None:
         self.inner.accepted(context, n_new, features)
@@ -386,30 +501,39 @@ class AcceptanceRecorder(Proposer):
 
 
 def record_acceptance(target, tokenizer, proposer, prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
-                      max_new_tokens: int = 64, tree: TreeConfig = CALIBRATION_TREE, progress: bool = False,
-                      grid: SizingGrid = SizingGrid(), ngram=None) -> AcceptanceTable:
-    """Greedy generations of up to ``max_new_tokens`` scored steps on ``prompts`` with a draft
-    ``proposer`` (one with ``propose_per_depth``: JakiroProposer, ModelProposer); the
-    :class:`AcceptanceTable` of every grid point within ``tree``, and of hybrid ``merge`` trees
-    with ``ngram`` (default: prompt lookup's defaults, as the hybrid proposer uses them). Costs
+                      max_new_tokens: int = 64, tree: TreeConfig | None = None, progress: bool = False,
+                      grid: SizingGrid = SizingGrid(), ngram=None, sampling=None) -> AcceptanceTable:
+    """Generations of up to ``max_new_tokens`` scored steps on ``prompts`` with a draft ``proposer``
+    (one with ``propose_per_depth``: JakiroProposer, ModelProposer); the :class:`AcceptanceTable` of
+    every grid point within ``tree``, and of hybrid ``merge`` trees with ``ngram`` (default: prompt
+    lookup's defaults, as the hybrid proposer uses them).
+
+    Greedy (``sampling`` None or temperature 0; ``tree`` default :data:`CALIBRATION_TREE`): costs
     greedy generation with ``tree`` (the trees of smaller depths share its draft forwards), plus
     ``lookahead`` more tokens per prompt, one draft lm_head per shallower hybrid tree's last level
-    and the scoring."""
+    and the scoring. Sampling (``tree`` default :data:`SAMPLED_CALIBRATION_TREE`): each step verifies
+    the union of every depth's tree, so a smaller calibration tree; prompt i samples with seed i
+    (the sampling's own seed ignored), so a recording is reproducible."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     from ..core.chat import encode_prompt
     from .engine import SpeculativeGenerator
     from .proposers.prompt_lookup import PromptLookupProposer
 
+    sampling = None if sampling is None or sampling.greedy else sampling
+    tree = tree or (SAMPLED_CALIBRATION_TREE if sampling else CALIBRATION_TREE)
     ngram = ngram or PromptLookupProposer()
-    recorder = AcceptanceRecorder(proposer, grid, tree, ngram, max_new_tokens)
+    recorder = AcceptanceRecorder(proposer, grid, tree, ngram, max_new_tokens, sampling)
     gen = SpeculativeGenerator(target, tokenizer, recorder)
-    for p in tqdm(prompts, desc="calibrating acceptance", unit="prompt", disable=not progress):
+    for i, p in enumerate(tqdm(prompts, desc="calibrating acceptance", unit="prompt", disable=not progress)):
         ids = encode_prompt(tokenizer, p)
-        recorder.finish(ids + gen.generate(ids, max_new_tokens=max_new_tokens + recorder.lookahead).token_ids)
+        kwargs = {"sampling": replace(sampling, seed=i)} if sampling else {}
+        recorder.finish(ids + gen.generate(ids, max_new_tokens=max_new_tokens + recorder.lookahead, **kwargs).token_ids)
     calibration = {"tree": asdict(recorder.tree), "every_depth": True, "prompts": len(prompts),
                    "max_new_tokens": max_new_tokens, "dtype": str(target.dtype).replace("torch.", "")}
-    return recorder.counts.table(calibration, ngram_settings(ngram))
+    return recorder.counts.table(calibration, ngram_settings(ngram), sampling_settings(sampling))
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -696,13 +820,15 @@ def _differ(now: float, then: float, tolerance: float) -> bool:
 
 def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id: str = "", progress: bool = True,
               log=None, grid: SizingGrid = SizingGrid(), retime: bool = False,
-              policy: TimingPolicy = TimingPolicy()) -> TreeChoice:
+              policy: TimingPolicy = TimingPolicy(), sampling=None) -> TreeChoice:
     """Choose the tree for ``generator`` (a SpeculativeGenerator) on this machine among ``grid``,
     set it, and return the choice. ``acceptance``: the draft's stored statistics (None, or without
     what this proposer needs: calibrate and cache). Timings are cached under the turbolm cache
     directory, keyed by :func:`timing_key`, and checked on every use (``policy``); ``retime``: time
     again all the same. A hybrid ``merge`` proposer is sized with the table of merged trees; a
-    hybrid ``choose`` one as its draft alone. ``log`` receives progress lines and, when the cache
+    hybrid ``choose`` one as its draft alone. ``sampling`` (a SamplingParams; None: greedy): size the
+    tree for decoding with these settings, from statistics recorded with them (stored with the draft,
+    or recorded once and cached: sampling accepts less than greedy decoding). ``log`` receives progress lines and, when the cache
     cannot be used or the timings cannot be cached, one ``turbolm: warning:`` line (without ``log``,
     the warning goes to this module's logger)."""
     warn = log or _logger.warning
@@ -717,21 +843,31 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
     store, changed = {}, bool(problem)
     step = time_step(target)  # first thing, so that it is timed alike on every use
 
-    table = _applicable(acceptance, merged_ngram)
-    if "acceptance" in entry:
+    settings = sampling_settings(sampling)
+    key = "sampled_acceptance" if settings else "acceptance"  # sampled: a list of tables, one per setting
+    table = _applicable(acceptance.for_sampling(sampling) if acceptance is not None else None, merged_ngram)
+    for name in ("acceptance", "sampled_acceptance"):
+        if name not in entry:
+            continue
         try:
-            cached_table = AcceptanceTable.from_dict(entry["acceptance"])
-            store["acceptance"] = entry["acceptance"]
-            if table is None and cached_table.exact:
-                table = _applicable(cached_table, merged_ngram)
-        except ValueError as e:
-            problems.append(f"{path} is damaged (acceptance: {e}), not used")
+            cached = [AcceptanceTable.from_dict(t) for t in entry[name]] if name == "sampled_acceptance" else \
+                [AcceptanceTable.from_dict(entry[name])]
+            store[name] = entry[name]
+            if name == key and table is None:
+                table = next((_applicable(t, merged_ngram) for t in cached if t.exact and t.sampling == settings), None)
+        except (ValueError, TypeError) as e:
+            problems.append(f"{path} is damaged ({name}: {e}), not used")
             changed = True
     if table is None:
-        log("tree auto: measuring this draft's acceptance once (greedy, a few short prompts) ...")
+        how = "sampling at temperature " + f"{sampling.temperature:g}" if settings else "greedy"
+        log(f"tree auto: measuring this draft's acceptance once ({how}, a few short prompts) ...")
         full = record_acceptance(target, generator.tokenizer, recorded, grid.prompts, grid.max_new_tokens,
-                                 progress=progress, grid=grid, ngram=getattr(proposer, "ngram", None))
-        store["acceptance"], changed = asdict(full), True
+                                 progress=progress, grid=grid, ngram=getattr(proposer, "ngram", None), sampling=sampling)
+        if settings:
+            store[key] = [t for t in store.get(key, []) if t.get("sampling") != settings] + [asdict(full)]
+        else:
+            store[key] = asdict(full)
+        changed = True
         table = _applicable(full, merged_ngram)
 
     timings = None
@@ -788,14 +924,22 @@ def stored_acceptance(draft_dir: str | os.PathLike | None, overrides: dict | Non
 
 
 def calibrate_draft(draft_dir: str | os.PathLike, target, tokenizer, *, max_new_tokens: int = 128,
-                    tree: TreeConfig = CALIBRATION_TREE, progress: bool = True) -> AcceptanceTable:
+                    tree: TreeConfig = CALIBRATION_TREE, progress: bool = True,
+                    temperatures: tuple[float, ...] = (1.0,)) -> AcceptanceTable:
     """Measure a draft checkpoint's acceptance (:func:`record_acceptance`: greedy, the built-in
-    prompts, every grid depth's own tree) and store it as ``acceptance.json`` beside the weights,
-    for ``--tree auto`` on any machine (the draft alone, and hybrid ``merge`` trees)."""
+    prompts, every grid depth's own tree; then sampling at each of ``temperatures``, stored in the
+    greedy table's ``sampled``) and store it as ``acceptance.json`` beside the weights, for ``--tree
+    auto`` on any machine (the draft alone, and hybrid ``merge`` trees)."""
+    from ..core.generation import SamplingParams
     from .draft.model import load_draft
     from .proposers.jakiro import JakiroProposer
 
     proposer = JakiroProposer(load_draft(draft_dir, target), target)
     table = record_acceptance(target, tokenizer, proposer, max_new_tokens=max_new_tokens, tree=tree, progress=progress)
+    for t in temperatures:
+        if t > 0:
+            sampled = record_acceptance(target, tokenizer, proposer, max_new_tokens=max_new_tokens, progress=progress,
+                                        sampling=SamplingParams(temperature=t))
+            table.sampled.append(asdict(sampled))
     table.save(Path(draft_dir) / ACCEPTANCE_FILE)
     return table

@@ -9,7 +9,7 @@ class Proposer:
     """Proposes a token tree after the committed context; the engine verifies it.
 
     Lifecycle for one generation: ``start(prompt_ids)``, then per step
-    ``propose(context, max_depth)`` -> ``accepted(context, n_new)``. ``context`` is every
+    ``propose(context, max_depth)`` -> ``verified(tree, logits)`` -> ``accepted(context, n_new)``. ``context`` is every
     committed token (prompt and output so far); its last token is the tree's root,
     which the target has not seen yet.
     """
@@ -33,6 +33,10 @@ class Proposer:
     def propose(self, context: list[int], max_depth: int) -> Tree:
         """A tree rooted at ``context[-1]`` with no node deeper than ``max_depth``."""
         raise NotImplementedError
+
+    def verified(self, tree: Tree, logits) -> None:
+        """The target just verified ``tree``: ``logits[i]`` are its logits after node i (before any
+        acceptance). For proposers that measure the target's distribution (calibration); most ignore it."""
 
     def accepted(self, context: list[int], n_new: int, features=None) -> None:
         """The step committed ``n_new`` tokens; ``context`` now ends with them. With
