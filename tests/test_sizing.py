@@ -191,13 +191,11 @@ def greedy_accepts(tree, continuation: list[int]) -> int:
     return n
 
 
-def test_acceptance_is_exact_for_hybrid_trees(near_bigram):
-    """The table equals, at every grid point checked, the mean accepted nodes of trees built directly
-    with those settings (Jakiro's hybrid schedule: the last level from the contrastive branch),
-    over the steps it records; likewise for hybrid merge trees and the n-gram nodes they add. An
-    autoregressive recording (the old method) overestimates them."""
-    target, tok, draft = near_bigram
-    steps = []  # per recorded step: context, and per checked config the direct / merged / autoregressive tree
+def _watching(draft, target, steps: list, autoregressive: bool = False) -> JakiroProposer:
+    """A Jakiro proposer that, at every step an acceptance table counts, also builds at the same
+    draft state (no new catch-up) the tree of each CHECKED config directly, and its hybrid merge
+    tree (and, with ``autoregressive``, the tree with an autoregressive last level, as the old
+    recording assumed): ``steps`` gets ``(prompt, context, {config: [trees]})``."""
 
     class Watched(JakiroProposer):
         def start(self, prompt_ids, features=None):
@@ -208,18 +206,30 @@ def test_acceptance_is_exact_for_hybrid_trees(near_bigram):
             trees = super().propose_per_depth(context, tree, depths)
             if len(context) - len(self.prompt) <= EXACT_GRID.max_new_tokens:  # the steps the table counts
                 saved, built = self.tree, {}
-                for c in CHECKED:  # at the same draft state: no new catch-up
+                for c in CHECKED:
                     self.tree = c
                     built[c] = [self.propose(context, 64), hybrid.propose(context, 64)]
-                    self.hybrid = False  # an autoregressive last level, as the old recording assumed
-                    built[c].append(self.propose(context, 64))
-                    self.hybrid = True
+                    if autoregressive:
+                        self.hybrid = False
+                        built[c].append(self.propose(context, 64))
+                        self.hybrid = True
                 self.tree = saved
                 steps.append((self.prompt, list(context), built))
             return trees
 
     watched = Watched(draft, target)
     hybrid = HybridProposer(watched, mode="merge")
+    return watched
+
+
+def test_acceptance_is_exact_for_hybrid_trees(near_bigram):
+    """The table equals, at every grid point checked, the mean accepted nodes of trees built directly
+    with those settings (Jakiro's hybrid schedule: the last level from the contrastive branch),
+    over the steps it records; likewise for hybrid merge trees and the n-gram nodes they add. An
+    autoregressive recording (the old method) overestimates them."""
+    target, tok, draft = near_bigram
+    steps = []  # per recorded step: prompt, context, and per checked config the direct / merged / autoregressive tree
+    watched = _watching(draft, target, steps, autoregressive=True)
     reference = {}  # prompt -> prompt + vanilla greedy answer, long enough for every recorded step
     for p in EXACT_GRID.prompts:
         ids = encode_prompt(tok, p)
@@ -281,25 +291,7 @@ def test_sampled_acceptance_is_exact_for_hybrid_trees(near_bigram):
     target, tok, draft = near_bigram
     sampling = SamplingParams(temperature=1.0)
     steps = []
-
-    class Watched(JakiroProposer):
-        def start(self, prompt_ids, features=None):
-            self.prompt = tuple(prompt_ids)
-            super().start(prompt_ids, features)
-
-        def propose_per_depth(self, context, tree, depths):
-            trees = super().propose_per_depth(context, tree, depths)
-            if len(context) - len(self.prompt) <= EXACT_GRID.max_new_tokens:
-                saved, built = self.tree, {}
-                for c in CHECKED:
-                    self.tree = c
-                    built[c] = [self.propose(context, 64), hybrid.propose(context, 64)]
-                self.tree = saved
-                steps.append((list(context), built))
-            return trees
-
-    watched = Watched(draft, target)
-    hybrid = HybridProposer(watched, mode="merge")
+    watched = _watching(draft, target, steps)
     table = record_acceptance(target, tok, watched, EXACT_GRID.prompts, EXACT_GRID.max_new_tokens,
                               tree=TreeConfig(64, 4, 3), grid=EXACT_GRID, sampling=sampling)
     merged = table.with_ngram(ngram_settings(PromptLookupProposer()))
@@ -326,7 +318,7 @@ def test_sampled_acceptance_is_exact_for_hybrid_trees(near_bigram):
     greedy = record_acceptance(target, tok, JakiroProposer(draft, target), EXACT_GRID.prompts,
                                EXACT_GRID.max_new_tokens, tree=TreeConfig(64, 4, 3), grid=EXACT_GRID)
     for c in CHECKED:
-        direct = [sum(expected(built[c][i], context) for context, built in steps) / len(steps) for i in (0, 1)]
+        direct = [sum(expected(built[c][i], context) for _, context, built in steps) / len(steps) for i in (0, 1)]
         assert table.expected(c) == pytest.approx(direct[0], rel=1e-4, abs=1e-6), c
         assert merged.expected(c) == pytest.approx(direct[1], rel=1e-4, abs=1e-6), c
         assert table.expected(c) < greedy.expected(c), c
