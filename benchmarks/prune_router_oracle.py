@@ -42,18 +42,19 @@ class FreeScores(nn.Module):
     kind = "oracle"
     uses_hidden = True  # the pruner passes the block index with the hidden states
 
-    def __init__(self, schedule: list[float], chunks: int, length: int, slope: float = 4.0):
+    def __init__(self, schedule: list[float], chunks: int, length: int, slope: float = 4.0, shared: bool = False):
         super().__init__()
         position = torch.arange(length, dtype=torch.float32) / max(1, length - 1)
         start = torch.stack([slope * (position - s) for s in schedule])  # the static router's order, per block
-        self.table = nn.Parameter(start[:, None, :].repeat(1, chunks, 1).contiguous())
+        self.chunks = chunks
+        self.table = nn.Parameter(start[:, None, :].repeat(1, 1 if shared else chunks, 1).contiguous())
         self.threshold = 0.5
 
     def scores_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
         batch, length = hidden.shape[:2]
-        if batch != self.table.shape[1] or length != self.table.shape[2]:
-            raise ValueError(f"free scores hold {tuple(self.table.shape[1:])} chunks x tokens, got {batch} x {length}")
-        return self.table[block]
+        if batch != self.chunks or length != self.table.shape[2]:
+            raise ValueError(f"free scores hold {self.chunks} chunks x {self.table.shape[2]} tokens, got {batch} x {length}")
+        return self.table[block].expand(batch, length)
 
     def keep_decode_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
         raise NotImplementedError("free scores route one fixed batch of chunks, in prefill only")
@@ -92,6 +93,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--sparsity-weight", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--shared", action="store_true",
+                    help="one score per (block, position), shared by every chunk: what position alone allows")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -105,7 +108,7 @@ def main() -> int:
     reference = DenseReference(model, chunks, batch_size=len(chunks))
     result = {"pruner": a.pruner, "data": a.data, "chunks": list(chunks.shape), "score_last": reference.score_last,
               "schedule_mean": sum(schedule) / len(schedule), "steps": a.steps, "lr": a.lr,
-              "sparsity_weight": a.sparsity_weight, "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
+              "sparsity_weight": a.sparsity_weight, "shared": a.shared, "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__}
     with TokenPruner(model, StaticRouter(), schedule) as static:
         result["static_kl"] = reference.kl(static)
@@ -113,7 +116,7 @@ def main() -> int:
         result["checkpoint_router_kl"] = reference.kl(own)
     print(f"static {result['static_kl']:.5f}, the checkpoint's router {result['checkpoint_router_kl']:.5f}", flush=True)
 
-    oracle = FreeScores(schedule, len(chunks), chunks.shape[1])
+    oracle = FreeScores(schedule, len(chunks), chunks.shape[1], shared=a.shared)
     optimizer = torch.optim.Adam(oracle.parameters(), lr=a.lr)
     pruner = TokenPruner(model, oracle, schedule, train_records=True)
     curve, best, best_table = [], (float("inf"), -1), None
@@ -141,7 +144,7 @@ def main() -> int:
             loss.backward()
             optimizer.step()
             pruner.records.clear()
-    moved = [float(_moved(best_table[b], schedule[b])) for b in range(len(schedule))]
+    moved = [float(_moved(best_table[b].expand(len(chunks), -1), schedule[b])) for b in range(len(schedule))]
     result.update({"oracle_best_kl": best[0], "oracle_best_step": best[1], "curve": curve,
                    "moved_per_block": [round(m, 4) for m in moved], "moved_mean": sum(moved) / len(moved),
                    "oracle_vs_static": best[0] / result["static_kl"] - 1,
