@@ -60,7 +60,7 @@ from ..core.generation import synchronize
 from ..core.io import read_cache_json, write_cache_json, write_json
 from ..core.machine import BUSY_CPUS, OtherLoad, load_average, too_busy
 from .proposers.base import Proposer
-from .tree import Tree, TreeConfig
+from .tree import Tree, TreeConfig, union_trees
 
 GRID_TOTAL = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 GRID_DEPTH = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -173,25 +173,6 @@ def _mapping(tree: Tree, other: Tree) -> list[int | None]:
         if parent is not None:
             mapped[j] = next((c for c in tree.children[parent] if tree.tokens[c] == other.tokens[j]), None)
     return mapped
-
-
-def union_tree(trees: list[Tree]) -> tuple[Tree, list[list[int]]]:
-    """The trie union of trees with one root, and for each tree the union node of each of its nodes."""
-    tokens, parents, scores = [trees[0].tokens[0]], [-1], [0.0]
-    node_of: dict[tuple[int, int], int] = {}
-    maps = []
-    for tree in trees:
-        if tree.tokens[0] != tokens[0]:
-            raise ValueError("union_tree needs trees with the same root")
-        mapped = [0] * len(tree)
-        for j in range(1, len(tree)):  # parents come first
-            key = (mapped[tree.parents[j]], tree.tokens[j])
-            if key not in node_of:
-                node_of[key] = len(tokens)
-                tokens.append(key[1]), parents.append(key[0]), scores.append(tree.scores[j])
-            mapped[j] = node_of[key]
-        maps.append(mapped)
-    return Tree(tokens, parents, scores), maps
 
 
 def reach_probabilities(tree: Tree, probs: torch.Tensor) -> list[float]:
@@ -462,7 +443,7 @@ class AcceptanceRecorder(Proposer):
             ngram = self.ngram.propose(context, self.ngram.tree.depth) if self.ngram is not None else None
             if self.sampling:
                 parts = [trees[d] for d in sorted(trees, reverse=True)] + ([ngram] if ngram is not None else [])
-                union, maps = union_tree(parts)
+                union, maps = union_trees(parts)
                 self._union = (union, trees, ngram, maps)
                 return union
             self._open.append((len(context), trees, ngram))

@@ -220,18 +220,30 @@ def merge_trees(first: Tree, second: Tree) -> tuple[Tree, int]:
     needs) and the longest path the target accepts is the longer of the two trees' own.
     ``first``'s nodes keep their order; each added node takes its parent's score, so it is tried
     before the parent's ``first`` children. Returns the merged tree and the number of added nodes."""
-    if first.tokens[0] != second.tokens[0]:
+    merged, _ = union_trees([first, second])
+    return merged, len(merged) - len(first)
+
+
+def union_trees(trees: Sequence[Tree]) -> tuple[Tree, list[list[int]]]:
+    """The trie union of trees with the same root, as :func:`merge_trees` builds it (the first tree's
+    nodes first, in order; each later node not already there takes its parent's score), and for each
+    tree the union node of each of its nodes."""
+    first = trees[0]
+    if any(t.tokens[0] != first.tokens[0] for t in trees):
         raise ValueError("merge_trees needs trees with the same root")
     tokens, parents, scores = list(first.tokens), list(first.parents), list(first.scores)
     node_of = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
-    mapped = [0] * len(second)
-    for j in range(1, len(second)):  # parents come first, so a parent is always mapped already
-        key = (mapped[second.parents[j]], second.tokens[j])
-        if key not in node_of:
-            node_of[key] = len(tokens)
-            tokens.append(key[1]), parents.append(key[0]), scores.append(scores[key[0]])
-        mapped[j] = node_of[key]
-    return Tree(tokens, parents, scores), len(tokens) - len(first)
+    maps = [list(range(len(first)))]
+    for tree in trees[1:]:
+        mapped = [0] * len(tree)
+        for j in range(1, len(tree)):  # parents come first, so a parent is always mapped already
+            key = (mapped[tree.parents[j]], tree.tokens[j])
+            if key not in node_of:
+                node_of[key] = len(tokens)
+                tokens.append(key[1]), parents.append(key[0]), scores.append(scores[key[0]])
+            mapped[j] = node_of[key]
+        maps.append(mapped)
+    return Tree(tokens, parents, scores), maps
 
 
 def tree_from_sequences(root: int, sequences: Sequence[Sequence[int]], weights: Sequence[float] | None = None) -> Tree:
