@@ -263,21 +263,38 @@ def test_acceptance_is_exact_for_hybrid_trees(near_bigram):
 def test_reach_probabilities_are_what_sampling_accepts():
     """Sampling verification (recursive rejection over the draft's candidates) accepts, on average,
     the sum over a tree's nodes of the product of the target's probabilities along each node's path;
-    checked by running the acceptance rule itself 20,000 times on a tree whose siblings are not in
-    the target's order. A rule that accepted the draft's first child with the target's top
-    probability would read ~0.4 nodes more."""
+    checked by running the acceptance rule itself 20,000 times on a tree whose candidates hold most of
+    the target's mass. The same check rejects a rule that forgets to renormalise after a rejection."""
     from turbolm.speculative.sizing import reach_probabilities
     from turbolm.speculative.verify import accept_sampling
 
     tree = _build((3, 5), TreeConfig(12, 4, 3))
     g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(len(tree), V, generator=g) * 2.5, -1)
+    logits = torch.randn(len(tree), V, generator=g)
+    for i, kids in enumerate(tree.children):
+        for rank, c in enumerate(kids):  # the draft's candidates likely, not in the draft's order
+            logits[i, tree.tokens[c]] += 3.0 - rank % 2
+    probs = torch.softmax(logits, -1)
     expected = sum(reach_probabilities(tree, probs)[1:])
-    n = 20_000
-    runs = [len(accept_sampling(tree, lambda i: probs[i], g)[0]) for _ in range(n)]
-    mean = sum(runs) / n
-    sd = (sum((r - mean) ** 2 for r in runs) / n) ** 0.5
-    assert 0.2 < expected and abs(mean - expected) < 4 * sd / n**0.5, (mean, expected)
+
+    def no_renormalising(tree, target_probs, generator):  # a wrong rule: accept x with p(x), never r(x) / sum(r)
+        path, node = [], 0
+        while True:
+            p = target_probs(node)
+            node = next((c for c in tree.children[node] if torch.rand((), generator=generator) < p[tree.tokens[c]]), None)
+            if node is None:
+                return path, 0
+            path.append(node)
+
+    def z(rule) -> float:
+        runs = [len(rule(tree, lambda i: probs[i], g)[0]) for _ in range(20_000)]
+        mean = sum(runs) / len(runs)
+        sd = (sum((r - mean) ** 2 for r in runs) / len(runs)) ** 0.5
+        return abs(mean - expected) / (sd / len(runs) ** 0.5)
+
+    assert expected > 1.0
+    assert z(accept_sampling) < 4
+    assert z(no_renormalising) > 8
 
 
 def test_sampled_acceptance_is_exact_for_hybrid_trees(near_bigram):
