@@ -50,7 +50,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -495,8 +495,6 @@ def record_acceptance(target, tokenizer, proposer, prompts: tuple[str, ...] = CA
     and the scoring. Sampling (``tree`` default :data:`SAMPLED_CALIBRATION_TREE`): each step verifies
     the union of every depth's tree, so a smaller calibration tree; prompt i samples with seed i
     (the sampling's own seed ignored), so a recording is reproducible."""
-    from dataclasses import replace
-
     from tqdm.auto import tqdm
 
     from ..core.chat import encode_prompt
@@ -831,8 +829,8 @@ def auto_tree(generator, *, acceptance: AcceptanceTable | None = None, draft_id:
         if name not in entry:
             continue
         try:
-            cached = [AcceptanceTable.from_dict(t) for t in entry[name]] if name == "sampled_acceptance" else \
-                [AcceptanceTable.from_dict(entry[name])]
+            raw = entry[name] if name == "sampled_acceptance" else [entry[name]]
+            cached = [AcceptanceTable.from_dict(t) for t in raw]
             store[name] = entry[name]
             if name == key and table is None:
                 table = next((_applicable(t, merged_ngram) for t in cached if t.exact and t.sampling == settings), None)
