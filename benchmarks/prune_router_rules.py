@@ -38,10 +38,10 @@ class RuleRouter:
     def __init__(self, rule):
         self.rule = rule
 
-    def scores(self, factors):
+    def scores(self, factors, block=None):
         return self.rule(factors)
 
-    def keep_decode(self, factors):
+    def keep_decode(self, factors, block=None):
         return torch.ones(factors.shape[:-2], dtype=torch.bool, device=factors.device)
 
 

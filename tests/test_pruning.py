@@ -23,11 +23,11 @@ class FixedRouter:
     def __init__(self, keep):
         self.keep = set(keep)
 
-    def scores(self, factors):
+    def scores(self, factors, block=None):
         T = factors.shape[1]
         return torch.tensor([[1.0 if i in self.keep else 0.0 for i in range(T)]]).expand(factors.shape[0], T)
 
-    def keep_decode(self, factors):
+    def keep_decode(self, factors, block=None):
         return torch.ones(factors.shape[:-2], dtype=torch.bool)
 
 
@@ -130,7 +130,7 @@ def test_cache_holds_only_computed_tokens(three_layers):
         assert [cache.layers[i].keys.shape[2] for i in range(3)] == [16, 11, 21]
 
         class Skip(FixedRouter):
-            def keep_decode(self, factors):
+            def keep_decode(self, factors, block=None):
                 return torch.zeros(factors.shape[:-2], dtype=torch.bool)
         p.router = Skip([])
         forward(model, torch.tensor([[6]]), cache)
@@ -280,6 +280,14 @@ def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["router"] == "learned" and len(cfg["schedule"]) == 2 and (out / "router.safetensors").is_file()
     assert cfg["training"]["steps"] == 4
+    blockwise = ["prune", "train", "--sparsity", "0.3", "--schedule", str(search), "--steps", "2", "--block-inputs",
+                 "--knots", "4", "--finetune-generations", "0", *common]
+    assert main(blockwise + ["--out", str(tmp_path / "blockwise")]) == 0
+    cfg = json.loads((tmp_path / "blockwise" / "config.json").read_text())
+    assert (cfg["router_blocks"], cfg["router_knots"], cfg["training"]["config"]["block_inputs"]) == (2, 4, True)
+    capsys.readouterr()
+    assert main(blockwise + ["--out", str(tmp_path / "mod"), "--router", "mod"]) == 2
+    assert "--block-inputs is an option of the learned router" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["prune", "generate", "--pruner", str(out), "--model", str(tiny_dir), "--prompt", "Hello",
                  "--max-new-tokens", "5", "--json"]) == 0
@@ -357,12 +365,13 @@ def test_hidden_state_router_trains_and_round_trips(three_layers, tmp_path):
     assert 0.25 < pruner.stats.prefill_sparsity < 0.35
 
 
-@pytest.mark.parametrize("saturated", [False, True])
-def test_learned_router_starts_as_the_static_one(three_layers, saturated):
-    router = LearnedRouter().init_static(saturated=saturated)
+@pytest.mark.parametrize("saturated,blocks", [(False, 0), (True, 0), (False, 3)])
+def test_learned_router_starts_as_the_static_one(three_layers, saturated, blocks):
+    router = LearnedRouter(blocks=blocks).init_static(saturated=saturated)
     f = build_factors(torch.arange(200)[None], 200, torch.rand(1, 200) * 3, 0.3)
-    assert torch.equal(router.scores(f).argsort(dim=1), StaticRouter().scores(f).argsort(dim=1))
-    assert bool(router.keep_decode(f[:, -1:]).all())
+    for block in range(max(1, blocks)):
+        assert torch.equal(router.scores(f, block).argsort(dim=1), StaticRouter().scores(f).argsort(dim=1))
+        assert bool(router.keep_decode(f[:, -1:], block).all())
     model, _ = three_layers
     ids = _ids(T=40, B=2)
     with torch.no_grad():
@@ -371,6 +380,62 @@ def test_learned_router_starts_as_the_static_one(three_layers, saturated):
         with TokenPruner(model, router, [0.3, 0.5, 0.2]):
             learned = model(ids, use_cache=False).logits
     torch.testing.assert_close(static, learned)
+
+
+def test_block_inputs_tell_blocks_of_equal_sparsity_apart():
+    """With ``blocks``, a router's score depends on the block (hidden bias, position offset); the
+    offset is the piecewise-linear function through its knots; a block it does not score is refused."""
+    router = LearnedRouter(blocks=3, knots=5).init_static()
+    f = build_factors(torch.arange(9)[None], 9, torch.rand(1, 9), 0.3)  # positions 0, 1/8, ..., 1
+    with torch.no_grad():
+        router.position_offset[1] = torch.tensor([0.0, 1.0, -2.0, 0.5, 4.0])
+    delta = router.scores(f, 1) - router.scores(f, 0)
+    torch.testing.assert_close(delta[0], torch.tensor([0.0, 0.5, 1.0, -0.5, -2.0, -0.75, 0.5, 2.25, 4.0]))
+    assert torch.equal(router.scores(f, 2), router.scores(f, 0))
+    with torch.no_grad():
+        router.block_bias[2, 2:].fill_(1.0)
+        router.net[2].weight[0, 2:].fill_(0.5)
+    assert not torch.allclose(router.scores(f, 2), router.scores(f, 0))
+    with pytest.raises(ValueError, match="pass block in"):
+        router.scores(f)
+    with pytest.raises(ValueError, match="pass block in"):
+        router.scores(f, 3)
+    with pytest.raises(ValueError, match="knots"):
+        LearnedRouter(blocks=3, knots=1)
+
+
+def test_block_router_trains_its_block_parameters_and_round_trips(three_layers, tmp_path):
+    """Training moves the per-block parameters (at their own learning rate) off zero; the checkpoint
+    stores and restores them; a checkpoint whose router scores another number of blocks is refused."""
+    from turbolm.core.errors import DataError
+    from turbolm.pruning.checkpoint import load_pruner, pruner_config, save_pruner
+    from turbolm.pruning.train import RouterTrainConfig, train_router
+
+    model, tok = three_layers
+    schedule = [0.3, 0.3, 0.3]
+    chunks = torch.randint(3, 300, (8, 24), generator=torch.Generator().manual_seed(0))
+    cfg = RouterTrainConfig(steps=3, batch_size=2, lr=1e-3, block_inputs=True, knots=4, block_lr_scale=30.0)
+    router, _ = train_router(model, chunks, schedule, tmp_path / "b", cfg, progress=False)
+    assert router.blocks == 3 and router.position_offset.shape == (3, 4)
+    moved = router.position_offset.detach().abs()
+    assert float(moved.max()) > 1e-3  # 30 x 1e-3 per Adam step: the offsets left zero
+    train_dir = tmp_path / "b" / "train"
+    state = json.loads((train_dir / json.loads((train_dir / "latest.json").read_text())["state"] / "state.json").read_text())
+    assert sorted(g["scale"] for g in state["param_groups"]) == [1.0, 30.0]
+    save_pruner(tmp_path / "b", pruner_config(model, router, schedule, target_sparsity=0.3), router)
+    cfg_file = tmp_path / "b" / "config.json"
+    assert json.loads(cfg_file.read_text())["router_blocks"] == 3
+    loaded = load_pruner(tmp_path / "b", model)
+    f = build_factors(torch.arange(24)[None], 24, torch.rand(1, 24), 0.3)
+    for block in range(3):
+        torch.testing.assert_close(loaded.router.scores(f, block), router.scores(f, block))
+    with torch.no_grad(), loaded:
+        generate(model, tok, chunks[0].tolist(), max_new_tokens=3)
+    bad = json.loads(cfg_file.read_text())
+    bad["router_blocks"] = 5
+    cfg_file.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="scores 5 blocks but the model has 3 layers"):
+        load_pruner(tmp_path / "b", model)
 
 
 def _free_unit_gradient(model, router, ids, schedule):

@@ -100,10 +100,18 @@ def register(sub) -> None:
     t.add_argument("--max-train-chunks", type=int, default=None, help="use at most N training chunks")
     t.add_argument("--drop-factor", action="append", default=[], choices=["position", "attention", "rank", "sparsity"],
                    help="ablation: train without this router input (repeatable)")
+    t.add_argument("--block-inputs", action="store_true",
+                   help="beyond the paper: the learned router also knows the block it scores (a hidden-layer bias "
+                        "and a position offset per block, both zero at the start)")
+    t.add_argument("--knots", type=int, default=16, help="with --block-inputs: points of each block's position offset (default: 16)")
+    t.add_argument("--block-lr-scale", type=float, default=30.0,
+                   help="with --block-inputs: the per-block parameters' learning rate in units of --lr (default: 30)")
     t.add_argument("--dense-kv", action="store_true", help="ablation: skipped tokens still provide keys/values")
     t.add_argument("--finetune-generations", type=int, default=5,
                    help="generations of the schedule search with the trained router (default: 5; 0 = skip)")
     t.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default: 20)")
+    t.add_argument("--eval-every", type=int, default=25,
+                   help="measure the held-out KL every N steps; the best router measured is kept (default: 25)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _data_args(t)
     _ga_args(t, generations=5)
@@ -197,6 +205,10 @@ def cmd_train(args) -> int:
     inputs = [f for f in FACTOR_NAMES if f not in args.drop_factor]
     if not inputs:
         raise ParameterError("{} removed every router input", "drop_factor")
+    if args.block_inputs and args.router != "learned":
+        raise ParameterError(f"{{}} is an option of the learned router, not of --router {args.router}", "block_inputs")
+    if args.block_inputs and args.knots < 2:
+        raise ParameterError(f"{{}} must be >= 2 (the position offset's end points), got {args.knots}", "knots")
     model, tokenizer = load_model(args)
     n = len(decoder_layers(model))
     schedule = read_schedule(args.schedule) if args.schedule else uniform_schedule(n, args.sparsity)
@@ -207,8 +219,9 @@ def cmd_train(args) -> int:
     chunks, reference = _chunks_and_reference(args, model, tokenizer, max_train=args.max_train_chunks)
     cfg = RouterTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sparsity_weight=args.sparsity_weight,
                             guide_weight=args.guide_weight, guide_steps=args.guide_steps or max(1, args.steps // 2),
-                            inputs=inputs, dense_kv=args.dense_kv, score_last=args.score_last, init=args.init,
-                            save_every=args.save_every, seed=args.seed)
+                            inputs=inputs, block_inputs=args.block_inputs, knots=args.knots,
+                            block_lr_scale=args.block_lr_scale, dense_kv=args.dense_kv, score_last=args.score_last, init=args.init,
+                            save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
     try:
         with sigterm_as_interrupt():
             info = train_pruner(model, chunks, reference, args.out, schedule, cfg, target_sparsity=args.sparsity,

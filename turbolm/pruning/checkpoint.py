@@ -48,6 +48,9 @@ def pruner_config(model, router, schedule, *, target_sparsity: float, threshold:
     if isinstance(router, LearnedRouter):
         cfg["router_hidden"] = router.net[0].out_features
         cfg["router_inputs"] = list(router.inputs)
+        if router.blocks:
+            cfg["router_blocks"] = router.blocks
+            cfg["router_knots"] = router.position_offset.shape[1]
     if kind == "mod":
         cfg["factors"] = {"hidden_state": "the token's hidden state at the block input (Mixture-of-Depths-style)"}
     cfg.update(info)
@@ -82,6 +85,8 @@ _FIELDS = {
 _OPTIONAL = {
     "attention_queries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "router_hidden": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "router_blocks": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "router_knots": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an integer >= 2"),
     "router_inputs": (lambda v: isinstance(v, list) and v and len(set(v)) == len(v) and set(v) <= set(FACTOR_NAMES),
                       f"a non-empty list of distinct factor names ({', '.join(FACTOR_NAMES)})"),
 }
@@ -140,8 +145,13 @@ def load_pruner(path: str | os.PathLike, model, *, router: str | None = None, se
         if kind == "mod":
             r = HiddenStateRouter(model.config.hidden_size, len(cfg["schedule"]), threshold=cfg["threshold"])
         else:
+            blocks = cfg.get("router_blocks", 0)
+            if blocks and blocks != layers:
+                raise DataError(f"{path / 'config.json'}: the router scores {blocks} blocks but the model has "
+                                f"{layers} layers; make the checkpoint again")
             r = LearnedRouter(hidden=cfg.get("router_hidden", 64), threshold=cfg["threshold"],
-                              inputs=tuple(cfg.get("router_inputs", FACTOR_NAMES)))
+                              inputs=tuple(cfg.get("router_inputs", FACTOR_NAMES)), blocks=blocks,
+                              knots=cfg.get("router_knots", 16))
         load_weights(r, path / "router.safetensors", remedy="make the checkpoint again or restore the file")
         r.to(model.device).eval()
     else:

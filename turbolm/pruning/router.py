@@ -20,10 +20,10 @@ class StaticRouter:
 
     kind = "static"
 
-    def scores(self, factors: torch.Tensor) -> torch.Tensor:
+    def scores(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
         return factors[..., 0]
 
-    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
+    def keep_decode(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
         return torch.ones(factors.shape[:-2], dtype=torch.bool, device=factors.device)
 
 
@@ -35,25 +35,43 @@ class RandomRouter:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def scores(self, factors: torch.Tensor) -> torch.Tensor:
+    def scores(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
         return torch.rand(factors.shape[:-1], generator=self.generator).to(factors.device)
 
-    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
+    def keep_decode(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
         s = factors[..., -1, 3].cpu()
         return (torch.rand(s.shape, generator=self.generator) >= s).to(factors.device)
 
 
 class LearnedRouter(nn.Module):
-    """FTP's global router: one MLP shared by all blocks, 4 -> hidden -> 1 (a logit per token)."""
+    """FTP's global router: one MLP shared by all blocks, 4 -> hidden -> 1 (a logit per token).
+
+    ``blocks`` > 0 (beyond the paper) also tells the router which block it scores, two ways, both
+    zero at the start: a learned bias of the hidden layer per block (the MLP's function of the four
+    factors can differ between blocks of equal sparsity), and a per-block offset of the score as a
+    piecewise-linear function of the position factor over ``knots`` evenly spaced points (which
+    positions a block keeps: what an oracle with one free score per block and position found worth
+    -9.8% held-out KL at 30%, where FTP's router, blind to the block, found -3.6%)."""
 
     kind = "learned"
 
-    def __init__(self, hidden: int = 64, threshold: float = 0.5, inputs: tuple[str, ...] = FACTOR_NAMES):
+    def __init__(self, hidden: int = 64, threshold: float = 0.5, inputs: tuple[str, ...] = FACTOR_NAMES,
+                 blocks: int = 0, knots: int = 16):
         super().__init__()
+        if blocks < 0 or (blocks and knots < 2):
+            raise ValueError(f"blocks must be >= 0 and knots >= 2 (got blocks={blocks}, knots={knots})")
         self.inputs = tuple(inputs)
         self.mask = torch.tensor([name in self.inputs for name in FACTOR_NAMES], dtype=torch.float32)
         self.net = nn.Sequential(nn.Linear(len(FACTOR_NAMES), hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.threshold = threshold
+        self.blocks = blocks
+        if blocks:
+            self.block_bias = nn.Parameter(torch.zeros(blocks, hidden))
+            self.position_offset = nn.Parameter(torch.zeros(blocks, knots))
+
+    def block_parameters(self) -> list[nn.Parameter]:
+        """The per-block parameters (empty for FTP's router): training may give them their own rate."""
+        return [self.block_bias, self.position_offset] if self.blocks else []
 
     @torch.no_grad()
     def init_static(self, slope: float = 4.0, saturated: bool = False, noise: float = 0.01) -> LearnedRouter:
@@ -65,7 +83,8 @@ class LearnedRouter(nn.Module):
         zero output weights: the start is exactly static, and each such unit's output weight gets
         a gradient of the size of its activation, so training can move away from the static rule
         along the attention and rank inputs. The gentle ``slope`` keeps sigmoid(score) - the
-        straight-through gates' gradient - unsaturated over most tokens.
+        straight-through gates' gradient - unsaturated over most tokens. The per-block parameters
+        start at zero.
 
         ``saturated``: the first start (slope 20, every other weight scaled by ``noise``): the
         gates' sigmoid saturates and both layers of the free units are ~0, so their gradients are
@@ -75,7 +94,7 @@ class LearnedRouter(nn.Module):
             return self
         if saturated:
             slope = 20.0
-            for p in self.parameters():
+            for p in self.net.parameters():
                 p.mul_(noise)
         w1, w2 = self.net[0].weight, self.net[2].weight
         w1[:2].zero_()
@@ -86,18 +105,35 @@ class LearnedRouter(nn.Module):
             w2.zero_()
         w2[0, 0], w2[0, 1] = slope, -slope
         self.net[2].bias.zero_()
+        for p in self.block_parameters():
+            p.zero_()
         return self
 
-    def forward(self, factors: torch.Tensor) -> torch.Tensor:
+    def forward(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
         # A removed factor (ablation) is zeroed, so checkpoints keep one shape.
         x = factors.to(self.net[0].weight.dtype) * self.mask.to(factors.device)
-        return self.net(x).squeeze(-1)
+        if not self.blocks:
+            return self.net(x).squeeze(-1)
+        if block is None or not 0 <= block < self.blocks:
+            raise ValueError(f"this router scores {self.blocks} blocks: pass block in [0, {self.blocks}), got {block}")
+        first, act, last = self.net
+        score = last(act(first(x) + self.block_bias[block])).squeeze(-1)
+        return score + self._offset(x[..., 0], self.position_offset[block])
 
-    def scores(self, factors: torch.Tensor) -> torch.Tensor:
-        return self(factors)
+    @staticmethod
+    def _offset(position: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+        """The piecewise-linear function through ``knots`` (evenly spaced on [0, 1]) at ``position``."""
+        at = position.clamp(0, 1) * (len(knots) - 1)
+        lo = at.floor().clamp(max=len(knots) - 2)
+        frac = at - lo
+        lo = lo.long()
+        return knots[lo] * (1 - frac) + knots[lo + 1] * frac
 
-    def keep_decode(self, factors: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(factors[..., -1, :])) >= self.threshold
+    def scores(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        return self(factors, block)
+
+    def keep_decode(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(factors[..., -1, :], block)) >= self.threshold
 
 
 class HiddenStateRouter(nn.Module):

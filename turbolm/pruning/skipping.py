@@ -267,7 +267,7 @@ class TokenPruner(ModelPatch):
     def _scores(self, idx: int, fw: _Forward, hidden: torch.Tensor, factors=None) -> torch.Tensor:
         if self._hidden_router:
             return self.router.scores_hidden(hidden, idx)
-        return self.router.scores(self._factors(idx, fw, fw.positions) if factors is None else factors)
+        return self.router.scores(self._factors(idx, fw, fw.positions) if factors is None else factors, idx)
 
     def _n_skip(self, idx: int, T: int, fw: _Forward) -> int:
         has_sink = bool(fw.positions[0, 0] == 0)
@@ -441,7 +441,7 @@ class TokenPruner(ModelPatch):
             keep = True
         else:
             keep = bool(self.router.keep_decode_hidden(hidden, idx).all() if self._hidden_router
-                        else self.router.keep_decode(self._factors(idx, fw, fw.positions)).all())
+                        else self.router.keep_decode(self._factors(idx, fw, fw.positions), idx).all())
         self.stats.add(idx, 1, 0 if keep else 1, decode=True)
         if not keep and not self.dense_kv:
             return hidden

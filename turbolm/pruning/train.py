@@ -46,6 +46,9 @@ class RouterTrainConfig:
     hidden: int = 64
     threshold: float = 0.5
     inputs: list[str] = field(default_factory=lambda: list(FACTOR_NAMES))
+    block_inputs: bool = False  # the router also knows the block (LearnedRouter(blocks=...)); beyond the paper
+    knots: int = 16  # with block_inputs: points of each block's position offset
+    block_lr_scale: float = 30.0  # with block_inputs: the per-block parameters' learning rate, in units of lr
     dense_kv: bool = False
     score_last: int | None = None  # distil the last N positions of each chunk (default: its last quarter)
     save_every: int = 20
@@ -135,11 +138,16 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
     device = model.device
     torch.manual_seed(cfg.seed)
     if router is None:
-        router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs))
+        router = LearnedRouter(hidden=cfg.hidden, threshold=cfg.threshold, inputs=tuple(cfg.inputs),
+                               blocks=len(schedule) if cfg.block_inputs else 0, knots=cfg.knots)
         if cfg.init in ("static", "static-saturated"):
             router.init_static(saturated=cfg.init == "static-saturated")
     router = router.to(device)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
+    per_block = {id(p) for p in getattr(router, "block_parameters", list)()}
+    groups = [{"params": [p for p in router.parameters() if id(p) not in per_block], "scale": 1.0}]
+    if per_block:
+        groups.append({"params": [p for p in router.parameters() if id(p) in per_block], "scale": cfg.block_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "seconds": 0.0, "config": asdict(cfg), "best_kl": None, "best_step": None}
     if resume and (state_dir / "latest.json").exists():
         state = load_training_state(state_dir, router, optimizer, weights="router.safetensors")
@@ -203,7 +211,7 @@ def train_router(model, train_chunks: torch.Tensor, schedule: list[float], out: 
                 w = guide_weight(step, cfg)
                 loss = l_distill + cfg.sparsity_weight * l_sparse + w * l_guide
                 for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = lr_at(step) * g["scale"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
