@@ -11,7 +11,10 @@ very text they are judged on, so a router that reads features of the text (the f
 state) and is trained the same way cannot choose better on those chunks than what this finds (up to
 the optimiser: a local search from the static choice, like every router training here). Reports the
 held-out KL (the inference path: ``DenseReference.kl``) of the static router, the checkpoint's own
-router and the free scores, every ``--eval-every`` steps.
+router and the free scores, every ``--eval-every`` steps. ``--shared --fit-train N`` fits one score per
+(block, position) on N *training* chunks instead and judges it on the held-out ones: whether a
+position rule, the most a router that knows the block and the position can express, carries to
+other text.
 
     python benchmarks/prune_router_oracle.py --pruner turbolm/checkpoints/ftp-smollm2-135m-s30 \\
         --data ../shared/data/text/enwiki_sample_8mb.jsonl --data ../shared/data/alpaca/alpaca_5000.json \\
@@ -46,14 +49,15 @@ class FreeScores(nn.Module):
         super().__init__()
         position = torch.arange(length, dtype=torch.float32) / max(1, length - 1)
         start = torch.stack([slope * (position - s) for s in schedule])  # the static router's order, per block
-        self.chunks = chunks
+        self.chunks = 0 if shared else chunks  # shared: any number of chunks
         self.table = nn.Parameter(start[:, None, :].repeat(1, 1 if shared else chunks, 1).contiguous())
         self.threshold = 0.5
 
     def scores_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
         batch, length = hidden.shape[:2]
-        if batch != self.chunks or length != self.table.shape[2]:
-            raise ValueError(f"free scores hold {self.chunks} chunks x {self.table.shape[2]} tokens, got {batch} x {length}")
+        if (self.chunks and batch != self.chunks) or length != self.table.shape[2]:
+            raise ValueError(f"free scores hold {self.chunks or 'any number of'} chunks x {self.table.shape[2]} tokens, "
+                             f"got {batch} x {length}")
         return self.table[block].expand(batch, length)
 
     def keep_decode_hidden(self, hidden: torch.Tensor, block: int) -> torch.Tensor:
@@ -95,6 +99,9 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--shared", action="store_true",
                     help="one score per (block, position), shared by every chunk: what position alone allows")
+    ap.add_argument("--fit-train", type=int, default=0, metavar="N",
+                    help="with --shared: fit the scores on N training chunks (batches of 8, in turn) instead of the "
+                         "held-out ones, and judge them on the held-out chunks: whether a position rule carries to other text")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -104,11 +111,15 @@ def main() -> int:
     model, tokenizer = load_target(None)
     model.requires_grad_(False)
     schedule = [float(s) for s in read_pruner_config(a.pruner)["schedule"]]
-    chunks = pack_rows(tokenizer, a.data, a.seq_len, a.calibration, max_train=0).calibration
+    if a.fit_train and not a.shared:
+        ap.error("--fit-train needs --shared (free scores per chunk cannot be judged on other chunks)")
+    packed = pack_rows(tokenizer, a.data, a.seq_len, a.calibration, max_train=a.fit_train)
+    chunks = packed.calibration
+    fit = [packed.train[i:i + 8] for i in range(0, len(packed.train), 8)] if a.fit_train else [chunks]
     reference = DenseReference(model, chunks, batch_size=len(chunks))
     result = {"pruner": a.pruner, "data": a.data, "chunks": list(chunks.shape), "score_last": reference.score_last,
               "schedule_mean": sum(schedule) / len(schedule), "steps": a.steps, "lr": a.lr,
-              "sparsity_weight": a.sparsity_weight, "shared": a.shared, "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
+              "sparsity_weight": a.sparsity_weight, "shared": a.shared, "fit_train_chunks": a.fit_train, "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__}
     with TokenPruner(model, StaticRouter(), schedule) as static:
         result["static_kl"] = reference.kl(static)
@@ -123,7 +134,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with pruner:
         with torch.no_grad(), pruner.disabled():
-            dense = model(input_ids=chunks, use_cache=False, logits_to_keep=reference.score_last).logits
+            dense = [model(input_ids=c, use_cache=False, logits_to_keep=reference.score_last).logits for c in fit]
         for step in range(a.steps + 1):
             if step % a.eval_every == 0 or step == a.steps:
                 kl = reference.kl(pruner)
@@ -135,10 +146,10 @@ def main() -> int:
                 break
             pruner.training_mode = True
             pruner.records.clear()
-            pruned = model(input_ids=chunks, use_cache=False, logits_to_keep=reference.score_last).logits
+            pruned = model(input_ids=fit[step % len(fit)], use_cache=False, logits_to_keep=reference.score_last).logits
             pruner.training_mode = False
             recs = [r for r in pruner.records if schedule[r["block"]] > 0]
-            loss = distillation_loss(dense, pruned) + a.sparsity_weight * sparsity_loss(
+            loss = distillation_loss(dense[step % len(fit)], pruned) + a.sparsity_weight * sparsity_loss(
                 [r["soft"] for r in recs], [schedule[r["block"]] for r in recs])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

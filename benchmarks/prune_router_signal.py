@@ -1,0 +1,211 @@
+"""Can the router's inputs predict which tokens matter? The training signal, and how much of it the factors explain.
+
+Every router here is trained through straight-through gates: a token's gradient is the first-order
+effect of its skip on the distillation loss (``-dL/dg``: its *importance*; g = 1 kept, 0 skipped).
+This script measures, on the default model and a pruner's schedule (issue 18):
+
+1. **The signal**: importance computed on the held-out chunks at the static choice, then one step
+   along it - score = static score + alpha * importance (normalised per block) - judged by the
+   held-out KL (the inference path). If this one-shot, text-specific choice does not beat the static
+   router, no router trained on this signal can.
+2. **What the inputs explain**: importance and the four factors recorded on ``--train-chunks``
+   training chunks, a small MLP fit to predict each token's importance rank (within its block and
+   chunk) from the factors, and from the factors and the block, then the same one-shot step on the
+   held-out chunks with the *predicted* importance; plus the rank correlation of predicted and true
+   importance on the held-out tokens, and of each factor alone.
+
+    python benchmarks/prune_router_signal.py --pruner turbolm/checkpoints/ftp-smollm2-135m-s30 \\
+        --data ../shared/data/text/enwiki_sample_8mb.jsonl --data ../shared/data/alpaca/alpaca_5000.json \\
+        --out benchmarks/results_router_oracle/signal-s30.json
+
+About 5-10 minutes on a 2-core CPU; writes its JSON atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from turbolm.core.io import write_json  # noqa: E402
+
+SLOPE = 4.0  # the static start's slope (LearnedRouter.init_static)
+
+
+class DeltaRouter(nn.Module):
+    """The static router's scores plus a free delta per (block, chunk, token) of one batch; a factor
+    router (kind "learned"), so the pruner computes and records the four factors."""
+
+    kind = "learned"
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.blocks = blocks
+        self.delta: torch.Tensor | None = None
+
+    def reset(self, batch: int, length: int, requires_grad: bool) -> None:
+        self.delta = torch.zeros(self.blocks, batch, length, requires_grad=requires_grad)
+
+    def scores(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        return SLOPE * (factors[..., 0] - factors[..., 3]) + self.delta[block]
+
+    def keep_decode(self, factors: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        raise NotImplementedError("prefill only")
+
+
+def importance(model, pruner, router, ids, score_last, schedule):
+    """(-dL/dg per (block, chunk, token), factors per (block, chunk, token, 4)) at the static choice."""
+    from turbolm.pruning.train import distillation_loss
+
+    router.reset(*ids.shape, requires_grad=True)
+    with torch.no_grad(), pruner.disabled():
+        dense = model(input_ids=ids, use_cache=False, logits_to_keep=score_last).logits
+    pruner.records.clear()
+    pruner.training_mode = True
+    pruned = model(input_ids=ids, use_cache=False, logits_to_keep=score_last).logits
+    pruner.training_mode = False
+    distillation_loss(dense, pruned).backward()
+    factors = torch.zeros(len(schedule), *ids.shape, 4)
+    for r in pruner.records:
+        factors[r["block"]] = r["factors"].detach()
+    pruner.records.clear()
+    static = SLOPE * (factors[..., 0] - factors[..., 3])
+    slope = torch.sigmoid(static) * (1 - torch.sigmoid(static))
+    return -router.delta.grad / slope, factors
+
+
+def normalise(imp: torch.Tensor, schedule) -> torch.Tensor:
+    """Importance centred per (block, chunk) and in units of its mean magnitude per block; the first
+    token (always kept) and dense blocks are zero. Only the order within a block and chunk matters."""
+    imp = imp.clone()
+    imp[..., 0] = 0.0
+    imp[..., 1:] -= imp[..., 1:].mean(dim=-1, keepdim=True)
+    scale = imp.abs().mean(dim=(1, 2), keepdim=True).clamp(min=1e-12)
+    dense = torch.tensor([s == 0 for s in schedule])[:, None, None]
+    return (imp / scale).masked_fill(dense, 0.0)
+
+
+def ranks(imp: torch.Tensor) -> torch.Tensor:
+    """Importance replaced by its rank within (block, chunk), scaled to [-1, 1] (the first token: 0):
+    a target the heavy tail of a few very important tokens cannot dominate."""
+    r = imp[..., 1:].argsort(dim=-1).argsort(dim=-1).float()
+    out = torch.zeros_like(imp)
+    out[..., 1:] = 2 * r / max(1, r.shape[-1] - 1) - 1
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def main() -> int:
+    from turbolm import load_target
+    from turbolm.core.machine import cpu_model
+    from turbolm.pruning.calibration import DenseReference
+    from turbolm.pruning.checkpoint import read_pruner_config
+    from turbolm.pruning.data import pack_rows
+    from turbolm.pruning.router import StaticRouter
+    from turbolm.pruning.skipping import TokenPruner
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pruner", required=True, help="a pruner checkpoint: its schedule")
+    ap.add_argument("--data", action="append", required=True, help="calibration text, as for turbolm prune train")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calibration", type=int, default=8, help="held-out chunks (default 8, as prune train)")
+    ap.add_argument("--train-chunks", type=int, default=64, help="training chunks to fit the predictor on (default 64)")
+    ap.add_argument("--alphas", default="0.001,0.002,0.003,0.005,0.01,0.02", help="one-shot step sizes")
+    ap.add_argument("--fit-steps", type=int, default=1500, help="Adam steps of the importance predictor")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    alphas = [float(x) for x in a.alphas.split(",")]
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_target(None)
+    model.requires_grad_(False)
+    schedule = [float(s) for s in read_pruner_config(a.pruner)["schedule"]]
+    packed = pack_rows(tokenizer, a.data, a.seq_len, a.calibration, max_train=a.train_chunks)
+    held = packed.calibration
+    reference = DenseReference(model, held, batch_size=len(held))
+    with TokenPruner(model, StaticRouter(), schedule) as static:
+        static_kl = reference.kl(static)
+    result = {"pruner": a.pruner, "data": a.data, "held_out_chunks": list(held.shape),
+              "train_chunks": list(packed.train.shape), "score_last": reference.score_last,
+              "schedule_mean": sum(schedule) / len(schedule), "static_kl": static_kl,
+              "machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    print(f"static {static_kl:.5f}", flush=True)
+
+    router = DeltaRouter(len(schedule))
+    pruner = TokenPruner(model, router, schedule, train_records=True)
+
+    def one_shot(step: torch.Tensor) -> dict:
+        out = {}
+        for alpha in alphas:
+            router.delta = alpha * step
+            out[str(alpha)] = reference.kl(pruner)
+        return out
+
+    with pruner:
+        true_imp, held_factors = importance(model, pruner, router, held, reference.score_last, schedule)
+        true_imp = normalise(true_imp, schedule)
+        result["true_importance_one_shot"] = one_shot(true_imp)
+        print("true importance:", result["true_importance_one_shot"], flush=True)
+        imps, facs = [], []
+        for i in range(0, len(packed.train), 8):
+            imp, fac = importance(model, pruner, router, packed.train[i:i + 8], reference.score_last, schedule)
+            imps.append(normalise(imp, schedule))
+            facs.append(fac)
+        train_imp, train_fac = torch.cat(imps, 1), torch.cat(facs, 1)
+
+        sparse = torch.tensor([s > 0 for s in schedule])
+        t = true_imp[sparse][:, :, 1:].flatten()
+        result["held_out_spearman_per_factor"] = {
+            f: spearman(held_factors[sparse][:, :, 1:, i].flatten(), t) for i, f in enumerate(("position", "attention", "rank"))}
+        print("Spearman of each factor with importance (held out):", result["held_out_spearman_per_factor"], flush=True)
+        blocks = torch.arange(len(schedule))[:, None, None]
+
+        def features(fac: torch.Tensor, with_block: bool) -> torch.Tensor:
+            x = fac
+            if with_block:
+                onehot = nn.functional.one_hot(blocks.expand(fac.shape[:3]), len(schedule)).float()
+                x = torch.cat([fac, onehot], -1)
+            return x
+
+        for name, with_block in (("factors", False), ("factors+block", True)):
+            torch.manual_seed(0)
+            x = features(train_fac, with_block)[sparse][:, :, 1:].reshape(-1, 4 + len(schedule) * with_block)
+            y = ranks(train_imp)[sparse][:, :, 1:].reshape(-1)
+            net = nn.Sequential(nn.Linear(x.shape[1], 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+            opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+            for _ in range(a.fit_steps):
+                idx = torch.randint(len(x), (8192,))
+                loss = (net(x[idx]).squeeze(-1) - y[idx]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                pred = net(features(held_factors, with_block)).squeeze(-1)
+                train_r2 = 1 - float((net(x).squeeze(-1) - y).pow(2).mean() / y.var())  # of the ranks
+            pred = normalise(pred, schedule)
+            p, t = pred[sparse][:, :, 1:].flatten(), true_imp[sparse][:, :, 1:].flatten()
+            result[name] = {"train_r2": train_r2, "held_out_spearman": spearman(p, t),
+                            "held_out_r2": 1 - float((p - t).pow(2).mean() / t.var()),
+                            "one_shot": one_shot(pred)}
+            print(name, result[name], flush=True)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(a.out, result)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
