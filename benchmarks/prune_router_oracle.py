@@ -78,6 +78,14 @@ def _moved(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return (keep & ~static).sum() / keep.sum()
 
 
+def calibration_arguments(ap: argparse.ArgumentParser, pruner_help: str) -> None:
+    """The pruner and calibration-text options these router studies share (as turbolm prune train)."""
+    ap.add_argument("--pruner", required=True, help=pruner_help)
+    ap.add_argument("--data", action="append", required=True, help="calibration text, as for turbolm prune train")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calibration", type=int, default=8, help="held-out chunks (default 8, as prune train)")
+
+
 def main() -> int:
     from turbolm import load_target
     from turbolm.core.machine import cpu_model
@@ -89,10 +97,7 @@ def main() -> int:
     from turbolm.pruning.train import distillation_loss, sparsity_loss
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pruner", required=True, help="a pruner checkpoint: its schedule, and its router for comparison")
-    ap.add_argument("--data", action="append", required=True, help="calibration text, as for turbolm prune train")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--calibration", type=int, default=8, help="held-out chunks (default 8, as prune train)")
+    calibration_arguments(ap, "a pruner checkpoint: its schedule, and its router for comparison")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--sparsity-weight", type=float, default=10.0)

@@ -36,6 +36,9 @@ from torch import nn  # noqa: E402
 
 from turbolm.core.io import write_json  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_router_oracle import calibration_arguments  # noqa: E402
+
 SLOPE = 4.0  # the static start's slope (LearnedRouter.init_static)
 
 
@@ -117,10 +120,7 @@ def main() -> int:
     from turbolm.pruning.skipping import TokenPruner
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pruner", required=True, help="a pruner checkpoint: its schedule")
-    ap.add_argument("--data", action="append", required=True, help="calibration text, as for turbolm prune train")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--calibration", type=int, default=8, help="held-out chunks (default 8, as prune train)")
+    calibration_arguments(ap, "a pruner checkpoint: its schedule")
     ap.add_argument("--train-chunks", type=int, default=64, help="training chunks to fit the predictor on (default 64)")
     ap.add_argument("--alphas", default="0.001,0.002,0.003,0.005,0.01,0.02", help="one-shot step sizes")
     ap.add_argument("--fit-steps", type=int, default=1500, help="Adam steps of the importance predictor")
