@@ -15,7 +15,8 @@ MAX_LENGTH (1024), REGEN_MAX_NEW (256), ROWS (e.g. 4096:8192: prepare only these
 later run can take questions an earlier one did not; the shipped drafts' GPU answers are rows 0:4096 of
 SAMPLES=48000),
 REGEN_DTYPE (float32; bfloat16 writes the answers ~1.9x faster on a CPU with AMX - measured on a
-2-core Xeon: 362 vs 193 answer tokens/s at batch 48), BATCH (32), SEED (0).
+2-core Xeon: 362 vs 193 answer tokens/s at batch 48), REGEN_TEMPERATURE (0: greedy answers; 1: answers
+sampled at T = 1, for drafts that serve sampling), BATCH (32), SEED (0).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def prepare() -> Path:
         max_length=int(os.environ.get("MAX_LENGTH", 1024)), batch_size=int(os.environ.get("BATCH", 32)),
         regen_max_new_tokens=int(os.environ.get("REGEN_MAX_NEW", 256)),
         regen_dtype=os.environ.get("REGEN_DTYPE") or None, shard_size=int(os.environ.get("SHARD_SIZE", 256)),
+        regen_temperature=float(os.environ.get("REGEN_TEMPERATURE", 0)),
     )
     print(f"{out}: {meta['samples']} samples, {meta['tokens']} tokens ({meta['loss_tokens']} in answers)")
     return out

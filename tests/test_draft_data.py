@@ -312,3 +312,84 @@ def test_prompt_only_rows_are_regenerated(tmp_path, tiny_dir):
     assert meta["samples"] == 3
     meta = prepare(tiny_dir, path, tmp_path / "plain", shard_size=2)
     assert meta["samples"] == 0 and meta["skipped"] == {"no_assistant_turn": 3}
+
+
+def test_sampled_answers_follow_the_targets_distribution(tiny):
+    """--regen-temperature T: each answer's first token is drawn from the target's softmax(logits /
+    T) (chi-square over 600 draws; greedy, or another temperature, fails it); the same seed gives
+    the same answers, another seed others, and the global generator is left as it was."""
+    from turbolm.speculative.draft.data import generate_answers
+
+    model, tokenizer = tiny
+    prompt = encode_chat(tokenizer, [{"role": "user", "content": "Hello world!"}])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+
+    def first_tokens(temperature, seed=0, n=600):
+        answers = generate_answers(model, tokenizer, [prompt] * n, max_new_tokens=1, batch_size=200, max_length=256,
+                                   temperature=temperature, seed=seed)
+        return [tokenizer.encode(a, add_special_tokens=False)[:1] for a in answers]
+
+    def chi_square(tokens, temperature):
+        probs = (logits / temperature).softmax(-1)
+        counts = torch.zeros_like(probs)
+        for t in tokens:
+            counts[t[0] if t else tokenizer.eos_token_id] += 1  # an empty answer: the first token ended it
+        expected = probs * len(tokens)
+        big = expected >= 5  # cells with enough expected draws; the rest pooled
+        stat = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
+        rest_obs, rest_exp = counts[~big].sum(), expected[~big].sum()
+        if rest_exp > 0:
+            stat += (rest_obs - rest_exp) ** 2 / rest_exp
+        return float(stat), int(big.sum())
+
+    state = torch.random.get_rng_state()
+    tokens = first_tokens(1.5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    stat, cells = chi_square(tokens, 1.5)
+    assert stat < cells + 5 * (2 * cells) ** 0.5, (stat, cells)  # ~5 standard deviations of chi-square(cells)
+    wrong, _ = chi_square(tokens, 0.5)
+    assert wrong > stat + 10 * (2 * cells) ** 0.5
+    assert first_tokens(1.5) == tokens and first_tokens(1.5, seed=1) != tokens
+    greedy = generate_answers(model, tokenizer, [prompt] * 3, max_new_tokens=1, batch_size=3, max_length=256)
+    assert len(set(greedy)) == 1
+
+
+def test_sampled_regeneration_resumes_to_the_same_shards(tmp_path, tiny_dir, monkeypatch):
+    """A preparation with --regen-temperature killed after its first shard and resumed writes the
+    shards one uninterrupted run writes; the temperature is part of what a resume must agree on."""
+    rows = write_json(tmp_path / "d.json", ALPACA * 3)
+    whole = prepare(tiny_dir, rows, tmp_path / "whole", regenerate=True, regen_max_new_tokens=10, shard_size=3,
+                    regen_temperature=1.0)
+    assert whole["regen_temperature"] == 1.0 and len(whole["shards"]) == 3
+    real_write = data._write_shard
+
+    def killed_at_second_shard(path, samples, features):
+        if path.name != "shard-00000.safetensors":
+            raise KeyboardInterrupt
+        real_write(path, samples, features)
+
+    monkeypatch.setattr(data, "_write_shard", killed_at_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tiny_dir, rows, tmp_path / "split", regenerate=True, regen_max_new_tokens=10, shard_size=3,
+                regen_temperature=1.0)
+    monkeypatch.setattr(data, "_write_shard", real_write)
+    assert len(read_meta(tmp_path / "split")["shards"]) == 1
+    with pytest.raises(TurboLMError, match="regen_temperature differs"):
+        prepare(tiny_dir, rows, tmp_path / "split", regenerate=True, regen_max_new_tokens=10, shard_size=3)
+    split = prepare(tiny_dir, rows, tmp_path / "split", regenerate=True, regen_max_new_tokens=10, shard_size=3,
+                    regen_temperature=1.0)
+    a, b = shard_tensors(tmp_path / "whole", whole), shard_tensors(tmp_path / "split", split)
+    assert len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    greedy = prepare(tiny_dir, rows, tmp_path / "greedy", regenerate=True, regen_max_new_tokens=10, shard_size=3)
+    assert greedy["regen_temperature"] is None
+    assert any(not torch.equal(x[0], y[0]) for x, y in zip(a, shard_tensors(tmp_path / "greedy", greedy)))
+    with pytest.raises(TurboLMError, match="regen_temperature"):
+        prepare(tiny_dir, rows, tmp_path / "bad", regenerate=True, regen_temperature=-1.0)
+
+
+def test_cli_regen_temperature_needs_regenerate(tmp_path, tiny_dir, capsys):
+    rows = write_json(tmp_path / "d.json", ALPACA)
+    rc = main(["draft", "prepare", "--target", str(tiny_dir), "--data", str(rows), "--out", str(tmp_path / "out"),
+               "--regen-temperature", "1"])
+    assert rc == 2 and "--regen-temperature needs --regenerate" in capsys.readouterr().err

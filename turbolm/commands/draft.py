@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per target forward (default: 8)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default: 256)")
     p.add_argument("--regen-max-new-tokens", type=int, default=256, help="longest regenerated answer (default: 256)")
+    p.add_argument("--regen-temperature", type=float, default=0.0,
+                   help="with --regenerate: sample the answers at this temperature instead of greedy (default: 0 = "
+                        "greedy); a draft that will serve sampling learns from the text sampling produces")
     p.add_argument("--regen-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="precision of the target copy that writes the answers (default: --dtype); bfloat16 is ~2x "
                         "faster on CPUs with AMX, the features are still computed in --dtype")
@@ -109,9 +112,11 @@ def _add_train_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args) -> int:
     from ..speculative.draft.data import prepare_features, prepare_from_tokens
 
-    if args.from_tokens and (args.regenerate or args.max_samples is not None or args.regen_dtype):
-        raise ParameterError("{} takes the samples as they are: no {} / {} / {}", "from_tokens", "regenerate",
-                             "max_samples", "regen_dtype")
+    if args.from_tokens and (args.regenerate or args.max_samples is not None or args.regen_dtype or args.regen_temperature):
+        raise ParameterError("{} takes the samples as they are: no {} / {} / {} / {}", "from_tokens", "regenerate",
+                             "max_samples", "regen_dtype", "regen_temperature")
+    if args.regen_temperature and not args.regenerate:
+        raise ParameterError("{} needs {} (it samples the target's own answers)", "regen_temperature", "regenerate")
     with sigterm_as_interrupt():  # as Ctrl-C: the shards written so far stay, a rerun continues
         if args.from_tokens:
             meta = prepare_from_tokens(args.model, args.from_tokens, args.out, batch_size=args.batch_size,
@@ -121,7 +126,7 @@ def cmd_prepare(args) -> int:
                                     max_samples=args.max_samples, max_length=args.max_length,
                                     batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
                                     device=args.device, regen_max_new_tokens=args.regen_max_new_tokens,
-                                    regen_dtype=args.regen_dtype)
+                                    regen_dtype=args.regen_dtype, regen_temperature=args.regen_temperature)
     line = (f"{args.out}: {meta['samples']} samples, {meta['tokens']} tokens ({meta['loss_tokens']} in answers), "
             f"{len(meta['shards'])} shard(s)")
     if meta["skipped"]:

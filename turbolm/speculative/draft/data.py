@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -43,7 +44,7 @@ META = "meta.json"
 ESTIMATE_ROWS = 200
 # Everything that shapes the shards: a resumed run must agree on all of it.
 RESUME_KEYS = ("format", "target", "hidden_size", "features_dtype", "data", "regenerate", "regen_max_new_tokens",
-               "regen_dtype", "max_length", "chat_template_sha256")
+               "regen_dtype", "regen_temperature", "max_length", "chat_template_sha256")
 _AGAIN = "prepare the features again into an empty directory"
 _SHARD = re.compile(r"shard-\d+\.safetensors")
 _OURS = re.compile(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|meta\.json)(\.\w+)?\.tmp")
@@ -120,12 +121,17 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-                     max_length: int) -> list[str]:
+                     max_length: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
     """The target's greedy answer to each prompt, batched (left padding), prompts of similar
     length together. Answer tokens past ``max_length`` would be cut anyway, so a batch stops
     once its shortest prompt reaches it. The cache grows in place (``growing_cache``): at large
     batches transformers' concatenating cache copies gigabytes per step (Intel CPU, bf16, 128
-    rows: 451 -> 516 row-tokens/s)."""
+    rows: 451 -> 516 row-tokens/s).
+
+    ``temperature`` > 0: answers *sampled* from the target's distribution at that temperature
+    (no top-k / top-p), the text a draft meets when it serves sampling; batch ``b`` draws from
+    torch's generator seeded with ``(seed, b)`` (the global generator is restored after), so the
+    same prompts and seed give the same answers."""
     from transformers import GenerationConfig
 
     eos_ids = eos_token_ids(model, tokenizer)
@@ -142,12 +148,17 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_toke
             attention[r, width - len(prompts[i]) :] = 1
         # The target's own greedy choice: neutralise logits processors that a checkpoint's
         # generation_config may switch on (Qwen2.5 ships repetition_penalty 1.05).
+        sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+            "do_sample": False}
         config = GenerationConfig(
             max_new_tokens=min(max_new_tokens, max_length - min(len(prompts[i]) for i in batch)),
-            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-            pad_token_id=pad, eos_token_id=sorted(eos_ids) or None,
+            num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            pad_token_id=pad, eos_token_id=sorted(eos_ids) or None, **sample,
         )
-        with without_cudnn_attention():
+        devices = [model.device] if model.device.type == "cuda" else []
+        with without_cudnn_attention(), torch.random.fork_rng(devices=devices, enabled=temperature > 0):
+            if temperature > 0:
+                torch.manual_seed(seed * 1_000_003 + b)
             out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
                                  generation_config=config,
                                  **{cache_kwarg(type(model)): growing_cache(model.config)})
@@ -374,7 +385,7 @@ class _Preparation:
                 skipped[str(s)] = skipped.get(str(s), 0) + 1
                 bar.update(1)
             end += 1
-        samples = self.regenerated(picked, skipped, bar) if self.meta["regenerate"] else picked
+        samples = self.regenerated(picked, skipped, bar, start) if self.meta["regenerate"] else picked
         features = extract_features(self.model, [s.input_ids for s in samples], batch_size=self.batch_size,
                                     dtype=self.features_dtype)
         for reason, n in skipped.items():
@@ -392,10 +403,13 @@ class _Preparation:
             raise SkipRow("no_answer_within_max_length")
         return _Prompt(messages, ids)
 
-    def regenerated(self, prompts: list[_Prompt], skipped: dict[str, int], bar) -> list[_Sample]:
+    def regenerated(self, prompts: list[_Prompt], skipped: dict[str, int], bar, first_row: int) -> list[_Sample]:
+        """The samples of ``prompts`` with the target's answers; sampled answers are seeded by the
+        shard's first row, so a resumed preparation writes the same shards."""
         answers = generate_answers(self.generator, self.tokenizer, [p.ids for p in prompts],
                                    max_new_tokens=self.meta["regen_max_new_tokens"], batch_size=self.batch_size,
-                                   max_length=self.meta["max_length"])
+                                   max_length=self.meta["max_length"],
+                                   temperature=self.meta.get("regen_temperature") or 0.0, seed=first_row)
         samples = []
         for prompt, answer in zip(prompts, answers):
             try:
@@ -427,6 +441,7 @@ def prepare_features(
     device: str = "cpu",
     regen_max_new_tokens: int = 256,
     regen_dtype: str | None = None,
+    regen_temperature: float = 0.0,
     progress: bool = True,
 ) -> dict:
     """Run the target over a chat dataset and store, per sample, its token ids, the loss mask
@@ -437,13 +452,16 @@ def prepare_features(
     ``regen_max_new_tokens``, first user turn only) so the draft learns the target's own
     distribution; ``regen_dtype`` writes them with a copy of the target in that precision
     (bfloat16 generates ~2x faster on a CPU with AMX; answers may differ from ``dtype``'s at
-    near-ties, the features are still computed in ``dtype``). ``max_length`` is capped at the target's context. A rerun with the same
+    near-ties, the features are still computed in ``dtype``); ``regen_temperature`` > 0 samples the
+    answers at that temperature instead (see :func:`generate_answers`). ``max_length`` is capped at the target's context. A rerun with the same
     ``out_dir`` resumes an interrupted run. ``progress`` prints the disk estimate and a
     progress bar on stderr. Returns the final meta.
     """
     from tqdm import tqdm
 
     _check_settings(max_samples, max_length, batch_size, shard_size, regen_max_new_tokens)
+    if not (math.isfinite(regen_temperature) and regen_temperature >= 0):
+        raise ParameterError(f"{{}} must be >= 0 (0: greedy answers), got {regen_temperature}", "regen_temperature")
     data = Path(data_path).expanduser().resolve()
     rows = read_rows(data)[:max_samples]
     model, tokenizer = load_target(target_source, dtype=dtype, device=device)
@@ -460,6 +478,7 @@ def prepare_features(
         "regenerate": regenerate,
         "regen_max_new_tokens": regen_max_new_tokens if regenerate else None,
         "regen_dtype": (regen_dtype or dtype) if regenerate else None,
+        "regen_temperature": regen_temperature if regenerate and regen_temperature > 0 else None,
         "max_length": max_length,
         "chat_template_sha256": _template_sha(tokenizer),
     }
@@ -591,7 +610,8 @@ def export_tokens(prepared_dir: str | os.PathLike, out_file: str | os.PathLike) 
     again elsewhere, e.g. after regenerating the answers on a GPU."""
     prepared_dir = Path(prepared_dir)
     meta = read_meta(prepared_dir)
-    source = {k: meta.get(k) for k in ("data", "regenerate", "regen_max_new_tokens", "regen_dtype", "max_length", "target")}
+    source = {k: meta.get(k) for k in ("data", "regenerate", "regen_max_new_tokens", "regen_dtype", "regen_temperature",
+                                       "max_length", "target")}
     return _join_tokens([prepared_dir / s["file"] for s in meta["shards"]], out_file, json.dumps(source))
 
 
@@ -721,7 +741,7 @@ def prepare_from_tokens(target_source, tokens_path, out_dir, *, batch_size: int 
         "features_dtype": "bfloat16" if model.dtype == torch.bfloat16 else "float16",
         "data": str(tokens_path), "regenerate": source.get("regenerate"),
         "regen_max_new_tokens": source.get("regen_max_new_tokens"), "regen_dtype": source.get("regen_dtype"),
-        "max_length": source.get("max_length"),
+        "regen_temperature": source.get("regen_temperature"), "max_length": source.get("max_length"),
         "chat_template_sha256": _template_sha(tokenizer), "tokens_source": source.get("data"),
     }
     out = Path(out_dir).expanduser()
