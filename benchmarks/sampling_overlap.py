@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=4, help="candidates per node to compare with (default 4)")
-    ap.add_argument("--methods", default="jakiro,eagle2", help="trained drafts (shipped): jakiro, eagle2")
+    ap.add_argument("--methods", default="jakiro,eagle2",
+                    help="trained drafts: jakiro, eagle2 (the shipped ones), or METHOD=DIR for another checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -58,8 +59,10 @@ def main() -> int:
             questions.append(q)
     result = {"temperature": a.temperature, "top_k": a.top_k, "questions": len(questions),
               "max_new_tokens": a.max_new_tokens, "machine": cpu_model(), "torch": torch.__version__, "methods": {}}
-    for method in a.methods.split(","):
-        decoder = build_decoder(model, tokenizer, DecoderSpec(method, total_tokens=a.top_k, depth=1, top_k=a.top_k))
+    for entry in a.methods.split(","):
+        method, _, draft = entry.partition("=")
+        decoder = build_decoder(model, tokenizer, DecoderSpec(method, draft=draft or None, total_tokens=a.top_k, depth=1,
+                                                              top_k=a.top_k))
         proposer, rows, root = decoder.proposer, [], {}
         build = jakiro.build_dynamic_tree
 
@@ -82,9 +85,9 @@ def main() -> int:
             jakiro.build_dynamic_tree = build
             del proposer.verified
         mean = torch.tensor(rows).mean(0).tolist()
-        result["methods"][method] = {"steps": len(rows), "overlap_sum_min_p_q": mean[0], "target_mass_draft_top1": mean[1],
+        result["methods"][entry] = {"steps": len(rows), "overlap_sum_min_p_q": mean[0], "target_mass_draft_top1": mean[1],
                                      f"target_mass_draft_top{a.top_k}": mean[2], "target_max_prob": mean[3]}
-        print(method, json.dumps(result["methods"][method]), flush=True)
+        print(entry, json.dumps(result["methods"][entry]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, result)
     return 0
