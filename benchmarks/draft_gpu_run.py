@@ -126,6 +126,8 @@ def main() -> int:
     ap.add_argument("--regen-share", type=float, default=0.33, help="share of the budget for regeneration")
     ap.add_argument("--regen-batch", type=int, default=2048)
     ap.add_argument("--regen-max-new", type=int, default=256)
+    ap.add_argument("--regen-temperature", type=float, default=0.0,
+                    help="sample the answers at this temperature (default 0: greedy; see draft prepare --regen-temperature)")
     ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--max-samples", type=int, default=None)
     ap.add_argument("--extra-tokens", nargs="*", default=[], help="token files regenerated earlier, trained on too")
@@ -159,7 +161,8 @@ def main() -> int:
     cmd = turbolm("draft", "prepare", "--target", a.target, "--data", a.data, "--out", str(prep), "--regenerate",
                   "--device", a.device, "--dtype", a.target_dtype, "--batch-size", str(a.regen_batch),
                   "--shard-size", str(a.regen_batch), "--regen-max-new-tokens", str(a.regen_max_new),
-                  "--max-length", str(a.max_length), *(["--max-samples", str(a.max_samples)] if a.max_samples else []))
+                  "--max-length", str(a.max_length), "--regen-temperature", str(a.regen_temperature),
+                  *(["--max-samples", str(a.max_samples)] if a.max_samples else []))
     t = now()
     with open(log, "a") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
