@@ -122,7 +122,7 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
                      max_length: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """The target's greedy answer to each prompt, batched (left padding), prompts of similar
+    """The target's greedy (or sampled) answer to each prompt, batched (left padding), prompts of similar
     length together. Answer tokens past ``max_length`` would be cut anyway, so a batch stops
     once its shortest prompt reaches it. The cache grows in place (``growing_cache``): at large
     batches transformers' concatenating cache copies gigabytes per step (Intel CPU, bf16, 128
@@ -146,8 +146,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, max_new_toke
         for r, i in enumerate(batch):
             ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             attention[r, width - len(prompts[i]) :] = 1
-        # The target's own greedy choice: neutralise logits processors that a checkpoint's
-        # generation_config may switch on (Qwen2.5 ships repetition_penalty 1.05).
+        # The target's own choice (greedy, or a sample of its plain softmax): neutralise logits processors
+        # that a checkpoint's generation_config may switch on (Qwen2.5 ships repetition_penalty 1.05).
         sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
             "do_sample": False}
         config = GenerationConfig(
