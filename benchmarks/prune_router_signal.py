@@ -12,7 +12,8 @@ This script measures, on the default model and a pruner's schedule (issue 18):
    training chunks, a small MLP fit to predict each token's importance rank (within its block and
    chunk) from the factors, and from the factors and the block, then the same one-shot step on the
    held-out chunks with the *predicted* importance; plus the rank correlation of predicted and true
-   importance on the held-out tokens, and of each factor alone.
+   importance on the held-out tokens, and of each factor alone; and the same with one linear probe per
+   block on the block's input hidden state (what the MoD-style router reads) instead of the factors.
 
     python benchmarks/prune_router_signal.py --pruner turbolm/checkpoints/ftp-smollm2-135m-s30 \\
         --data ../shared/data/text/enwiki_sample_8mb.jsonl --data ../shared/data/alpaca/alpaca_5000.json \\
@@ -64,16 +65,32 @@ class DeltaRouter(nn.Module):
 
 
 def importance(model, pruner, router, ids, score_last, schedule):
-    """(-dL/dg per (block, chunk, token), factors per (block, chunk, token, 4)) at the static choice."""
+    """(-dL/dg per (block, chunk, token), factors per (block, chunk, token, 4), each block's input
+    hidden states (block, chunk, token, H), RMS-normalised, float16) at the static choice."""
+    from turbolm.pruning.skipping import decoder_layers
     from turbolm.pruning.train import distillation_loss
 
+    hidden = [None] * len(schedule)
+
+    def keep_input(block):
+        def hook(module, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            hidden[block] = (h * h.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()).half()
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True)
+             for i, layer in enumerate(decoder_layers(model))]
     router.reset(*ids.shape, requires_grad=True)
     with torch.no_grad(), pruner.disabled():
         dense = model(input_ids=ids, use_cache=False, logits_to_keep=score_last).logits
     pruner.records.clear()
     pruner.training_mode = True
-    pruned = model(input_ids=ids, use_cache=False, logits_to_keep=score_last).logits
-    pruner.training_mode = False
+    try:
+        pruned = model(input_ids=ids, use_cache=False, logits_to_keep=score_last).logits
+    finally:
+        pruner.training_mode = False
+        for h in hooks:
+            h.remove()
     distillation_loss(dense, pruned).backward()
     factors = torch.zeros(len(schedule), *ids.shape, 4)
     for r in pruner.records:
@@ -81,7 +98,7 @@ def importance(model, pruner, router, ids, score_last, schedule):
     pruner.records.clear()
     static = SLOPE * (factors[..., 0] - factors[..., 3])
     slope = torch.sigmoid(static) * (1 - torch.sigmoid(static))
-    return -router.delta.grad / slope, factors
+    return -router.delta.grad / slope, factors, torch.stack(hidden)
 
 
 def normalise(imp: torch.Tensor, schedule) -> torch.Tensor:
@@ -124,6 +141,7 @@ def main() -> int:
     ap.add_argument("--train-chunks", type=int, default=64, help="training chunks to fit the predictor on (default 64)")
     ap.add_argument("--alphas", default="0.001,0.002,0.003,0.005,0.01,0.02", help="one-shot step sizes")
     ap.add_argument("--fit-steps", type=int, default=1500, help="Adam steps of the importance predictor")
+    ap.add_argument("--ridge", type=float, default=1e-3, help="ridge strength of the hidden-state probes (x N)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     alphas = [float(x) for x in a.alphas.split(",")]
@@ -154,16 +172,17 @@ def main() -> int:
         return out
 
     with pruner:
-        true_imp, held_factors = importance(model, pruner, router, held, reference.score_last, schedule)
+        true_imp, held_factors, held_hidden = importance(model, pruner, router, held, reference.score_last, schedule)
         true_imp = normalise(true_imp, schedule)
         result["true_importance_one_shot"] = one_shot(true_imp)
         print("true importance:", result["true_importance_one_shot"], flush=True)
-        imps, facs = [], []
+        imps, facs, hids = [], [], []
         for i in range(0, len(packed.train), 8):
-            imp, fac = importance(model, pruner, router, packed.train[i:i + 8], reference.score_last, schedule)
+            imp, fac, hid = importance(model, pruner, router, packed.train[i:i + 8], reference.score_last, schedule)
             imps.append(normalise(imp, schedule))
             facs.append(fac)
-        train_imp, train_fac = torch.cat(imps, 1), torch.cat(facs, 1)
+            hids.append(hid)
+        train_imp, train_fac, train_hid = torch.cat(imps, 1), torch.cat(facs, 1), torch.cat(hids, 1)
 
         sparse = torch.tensor([s > 0 for s in schedule])
         t = true_imp[sparse][:, :, 1:].flatten()
@@ -200,6 +219,25 @@ def main() -> int:
                             "held_out_r2": 1 - float((p - t).pow(2).mean() / t.var()),
                             "one_shot": one_shot(pred)}
             print(name, result[name], flush=True)
+        # The hidden state at each block's input, one linear probe per block (what the MoD-style router reads):
+        # ridge regression to the importance ranks, lambda chosen on the training tokens' own fit (no tuning on held-out).
+        pred = torch.zeros_like(true_imp)
+        fit = []
+        for b in range(len(schedule)):
+            if not sparse[b]:
+                continue
+            x = train_hid[b][:, 1:].reshape(-1, train_hid.shape[-1]).float()
+            x = torch.cat([x, torch.ones(len(x), 1)], 1)
+            y = ranks(train_imp)[b][:, 1:].reshape(-1)
+            w = torch.linalg.solve(x.T @ x + a.ridge * len(x) * torch.eye(x.shape[1]), x.T @ y)
+            fit.append(1 - float((x @ w - y).pow(2).mean() / y.var()))
+            xh = held_hidden[b].float()
+            pred[b] = torch.cat([xh, torch.ones(*xh.shape[:2], 1)], -1) @ w
+        pred = normalise(pred, schedule)
+        p = pred[sparse][:, :, 1:].flatten()
+        result["hidden_state_linear_per_block"] = {"ridge": a.ridge, "train_r2_mean": sum(fit) / len(fit),
+                                                   "held_out_spearman": spearman(p, t), "one_shot": one_shot(pred)}
+        print("hidden state", result["hidden_state_linear_per_block"], flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, result)
