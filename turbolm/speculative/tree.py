@@ -230,7 +230,7 @@ def union_trees(trees: Sequence[Tree]) -> tuple[Tree, list[list[int]]]:
     tree the union node of each of its nodes."""
     first = trees[0]
     if any(t.tokens[0] != first.tokens[0] for t in trees):
-        raise ValueError("merge_trees needs trees with the same root")
+        raise ValueError("union_trees needs trees with the same root")
     tokens, parents, scores = list(first.tokens), list(first.parents), list(first.scores)
     node_of = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
     maps = [list(range(len(first)))]
