@@ -113,16 +113,25 @@ def normalise(imp: torch.Tensor, schedule) -> torch.Tensor:
 
 
 def ranks(imp: torch.Tensor) -> torch.Tensor:
-    """Importance replaced by its rank within (block, chunk), scaled to [-1, 1] (the first token: 0):
-    a target the heavy tail of a few very important tokens cannot dominate."""
-    r = imp[..., 1:].argsort(dim=-1).argsort(dim=-1).float()
+    """Importance replaced by its rank within (block, chunk), scaled to [-1, 1] (the first token: 0;
+    ties share their mean rank): a target the heavy tail of a few very important tokens cannot dominate."""
+    rows = imp[..., 1:].reshape(-1, imp.shape[-1] - 1)
+    r = torch.stack([average_ranks(row) for row in rows]).float().view(*imp.shape[:-1], -1)
     out = torch.zeros_like(imp)
     out[..., 1:] = 2 * r / max(1, r.shape[-1] - 1) - 1
     return out
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks of a 1-d tensor, tied values sharing the mean of their ranks (the position factor is
+    the same for every chunk and block: breaking its ties in any order would invent a correlation)."""
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    return (first + (counts - 1) / 2).double()[inverse]
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
