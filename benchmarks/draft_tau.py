@@ -53,8 +53,10 @@ def pick_questions(path: Path, per_group: int, per_category: int = 0) -> list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench" / "question.jsonl"))
-    ap.add_argument("--draft", action="append", required=True, metavar="NAME=DIR[:MODE]",
-                    help="a draft checkpoint (repeatable); a NAME starting with 'hybrid' merges prompt lookup into its tree")
+    ap.add_argument("--draft", action="append", required=True, metavar="NAME=DIR[:MODE][:autoregressive]",
+                    help="a draft checkpoint (repeatable); MODE: mixture | decoupled (a Jakiro draft's candidates); "
+                         "autoregressive: a Jakiro draft's last level from one more forward instead of its "
+                         "contrastive branch; a NAME starting with 'hybrid' merges prompt lookup into its tree")
     ap.add_argument("--prompt-lookup", action="store_true", help="also prompt lookup (its own default tree)")
     ap.add_argument("--per-group", type=int, default=10)
     ap.add_argument("--per-category", type=int, default=0, help="instead of --per-group: the first N of each category")
@@ -73,9 +75,11 @@ def main() -> None:
     methods = {}
     for spec in args.draft:
         name, _, where = spec.partition("=")
-        path, _, mode = where.partition(":")
+        path, *options = where.split(":")
+        autoregressive = "autoregressive" in options
+        mode = next((o for o in options if o != "autoregressive"), None)
         draft = load_draft(path, target, overrides={"candidate_mode": mode} if mode else None)
-        proposer = JakiroProposer(draft, target, tree)
+        proposer = JakiroProposer(draft, target, tree, hybrid=not autoregressive)
         if name.startswith("hybrid"):  # prompt lookup merged into the draft's tree
             proposer = HybridProposer(proposer, mode="merge")
         methods[name] = SpeculativeGenerator(target, tok, proposer)
