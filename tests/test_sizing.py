@@ -171,6 +171,31 @@ def test_auto_tree_end_to_end(tiny, tmp_path, monkeypatch):
     assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
 
 
+def test_verification_timing_skips_a_burst_of_other_work(tiny, monkeypatch):
+    """Another process starting while the tree sizes are timed (seen: `turbolm --help` run beside a
+    benchmark) slowed three consecutive timed forwards; the median of three repeats per size put
+    that burst into the smallest sizes (237 ms for one token instead of 44). Timed in rounds and
+    taking the fastest repeat, no size keeps it."""
+    import time
+
+    import turbolm.speculative.sizing as sizing
+
+    target, _ = tiny
+    real, calls, offset = time.perf_counter, [0], [0.0]
+
+    def clock():  # every second call ends a timed forward; the 1st-3rd timed forwards take 1 s longer
+        calls[0] += 1
+        if calls[0] % 2 == 0 and calls[0] // 2 <= 3:
+            offset[0] += 1.0
+        return real() + offset[0]
+
+    monkeypatch.setattr(sizing.time, "perf_counter", clock)
+    verify = sizing.time_verification(target, sizes=(1, 2, 3, 4), prefix=8, repeats=3)
+    monkeypatch.undo()
+    assert calls[0] == 2 * 3 * 4  # three timed forwards of each of the four sizes
+    assert sorted(verify) == [1, 2, 3, 4] and all(0 < s < 0.5 for s in verify.values()), verify
+
+
 # --- exactness on a real (tiny) Jakiro draft ---------------------------------------------------
 
 EXACT_GRID = SizingGrid(total_tokens=(1, 2, 3, 4, 6, 8, 12), depths=(1, 2, 3, 4), top_ks=(1, 2, 3),

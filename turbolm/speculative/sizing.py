@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -529,10 +528,6 @@ def _times(fn, repeats: int, device) -> list[float]:
     return times
 
 
-def _median_time(fn, repeats: int, device) -> float:
-    return statistics.median(_times(fn, repeats, device))
-
-
 @torch.inference_mode()
 def time_step(target, prefix: int = 16, warmup: int = 2, repeats: int = 7) -> float:
     """Seconds of vanilla decoding's step, one target forward over one token after a ``prefix``-token
@@ -560,7 +555,9 @@ def time_verification(target, sizes: tuple[int, ...] = VERIFY_SIZES, prefix: int
                       repeats: int = 3) -> dict[int, float]:
     """Seconds for the target to verify ``n`` tree tokens after a ``prefix``-token KV cache,
     with the engine's own mask and positions (a chain of ``n`` tokens; the cost does not
-    depend on the tree's shape). Median of ``repeats`` after a warm-up."""
+    depend on the tree's shape). The fastest of ``repeats`` after a warm-up, the sizes timed in
+    rounds (every size once per round): a burst of other work (another process starting) slows the
+    sizes of one round, not every repeat of a few sizes, and the fastest repeat skips it."""
     from ..core.generation import forward
     from .cache import new_tree_cache, truncate
     from .tree import tree_attention_mask, tree_position_ids
@@ -571,8 +568,8 @@ def time_verification(target, sizes: tuple[int, ...] = VERIFY_SIZES, prefix: int
     ids = torch.randint(100, vocab, (1, prefix + max(sizes)), generator=g)
     cache = new_tree_cache()
     forward(target, ids[:, :prefix].to(device), cache, logits_to_keep=1)
-    out = {}
-    for n in sizes:
+
+    def verifier(n: int):
         chain = Tree(ids[0, prefix : prefix + n].tolist(), [-1] + list(range(n - 1)))
 
         def verify():
@@ -581,9 +578,16 @@ def time_verification(target, sizes: tuple[int, ...] = VERIFY_SIZES, prefix: int
                     position_ids=tree_position_ids(chain, prefix, device))
             truncate(cache, prefix)
 
+        return verify
+
+    verifiers = {n: verifier(n) for n in sizes}
+    for verify in verifiers.values():
         verify()  # warm-up
-        out[n] = _median_time(verify, repeats, device)
-    return out
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n, verify in verifiers.items():
+            times[n] += _times(verify, 1, device)
+    return {n: min(ts) for n, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -592,8 +596,9 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
     """Seconds the proposer needs to draft a (depth, top_k) tree in the steady state:
     ``{depth: {top_k: seconds}}``. Measured as propose() after start() minus the catch-up
     over the prompt (a depth-0 proposal), plus one small catch-up forward (what a step
-    feeds the draft after acceptance). Depths between ``measured_depths`` (and the deepest) are
-    interpolated (a level costs about the same as the one before)."""
+    feeds the draft after acceptance), each the fastest of ``repeats``. Depths between
+    ``measured_depths`` (and the deepest) are interpolated (a level costs about the same as the one
+    before)."""
     from ..core.chat import encode_prompt
     from ..core.generation import FeatureCapture, forward
     from .cache import new_tree_cache
@@ -612,7 +617,7 @@ def time_drafting(proposer, target, tokenizer, depths=GRID_DEPTH, top_ks=GRID_TO
             proposer.start(prompt, features)
             proposer.propose(context, max_depth=max_depth)
         proposer.tree = tree
-        return _median_time(go, repeats, device)
+        return min(_times(go, repeats, device))
 
     try:
         run(TreeConfig(8, 2, 4), 2)  # warm-up
