@@ -1,0 +1,68 @@
+"""Stage a draft continued with `turbolm draft train --init PREVIOUS` for shipping (issue 15).
+
+Writes OUT with the run's weights in float16, its log and loss plot, and a ``training.json`` that
+records the run's settings, its held-out agreement, the previous draft's agreement on the *same*
+held-out samples (evaluated here), and the previous draft's own ``training.json`` (the whole
+history). Then calibrate OUT (``turbolm draft calibrate --draft OUT``) and copy it over the shipped
+checkpoint. What this session did for both shipped drafts:
+
+    python benchmarks/ship_draft.py --run runs/cont2/jakiro --previous turbolm/checkpoints/jakiro-smollm2-135m \\
+        --out runs/ship2/jakiro --git 2ebaa9f --data-note "4,064 samples of the target's own answers ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from turbolm.core.machine import describe_machine
+from turbolm.speculative.draft.model import load_draft
+from turbolm.speculative.draft.train import TrainConfig, _target_and_data, evaluate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a finished `turbolm draft train` output directory")
+    ap.add_argument("--previous", required=True, help="the checkpoint the run started from (--init)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--git", required=True, help="the commit that holds the previous checkpoint")
+    ap.add_argument("--data-note", required=True, help="where the training data came from (one sentence)")
+    a = ap.parse_args()
+    run, previous, out = Path(a.run), Path(a.previous), Path(a.out)
+    state = run / json.loads((run / "latest.json").read_text())["state"]
+    recipe = json.loads((state / "state.json").read_text())["config"]
+    seconds = json.loads((state / "state.json").read_text())["seconds"]
+    evals = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "eval" in r]
+    if not evals:
+        raise SystemExit(f"{run} has no held-out evaluation: finish the run first")
+
+    target, dataset, embed, head = _target_and_data(TrainConfig(**recipe), torch.device("cpu"), False)
+    n = len(dataset) if not recipe["max_samples"] else min(len(dataset), recipe["max_samples"])
+    held_out = list(range(n - recipe["eval_samples"], n))
+    before = evaluate(load_draft(previous, target).float(), embed, head.weight, dataset, held_out, recipe["eval_depth"])
+
+    load_draft(run, target).save(out, dtype=torch.float16)
+    for name in ("train_log.jsonl", "loss.png"):
+        shutil.copy(run / name, out / name)
+    history = json.loads((previous / "training.json").read_text())
+    training = {
+        "recipe": recipe,
+        "train_minutes": round(seconds / 60, 1),
+        "machine": describe_machine(),
+        "data": a.data_note,
+        "continued_from": {"checkpoint": f"the previous {previous} (git {a.git})", "its_training": history},
+        "held_out_agreement": evals[-1]["eval"],
+        "held_out_agreement_before": {**before, "note": "the previous shipped draft on the same held-out samples"},
+        "note": history.get("note", "weights stored in float16"),
+    }
+    (out / "training.json").write_text(json.dumps(training, indent=1))
+    print(out, "held-out agreement", json.dumps(evals[-1]["eval"]["agree"]), "before", json.dumps(before["agree"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
