@@ -244,3 +244,57 @@ def test_training_from_a_token_file_computes_the_features(prepared, tmp_path, ti
     assert gen.generate(ids, max_new_tokens=24).token_ids == generate(target, tok, ids, max_new_tokens=24).token_ids
     with pytest.raises(TurboLMError, match="mixed_precision"):
         train(config(tokens, tmp_path / "x", tiny_dir, mixed_precision="fp8"), progress=False)
+
+
+def test_training_reads_several_prepared_directories_as_one(prepared, tmp_path, tiny_dir):
+    """``data`` with several prepared directories: one dataset in the order given (lengths, token
+    statistics, items), the held-out samples the last directory's last; the CLI takes them after one
+    ``--data`` and records one source as before; a token file among them, or directories of other
+    widths, are refused with one line naming the cause."""
+    from conftest import DRAFT_ROWS, make_model_dir
+    from turbolm.cli import build_parser
+    from turbolm.commands.draft import cmd_train
+    from turbolm.core.errors import DataError, ParameterError
+    from turbolm.speculative.draft.data import FeatureDataset, FeatureDatasets, export_tokens, prepare_features
+    from turbolm.speculative.draft.train import draft_vocabulary
+
+    one = FeatureDataset(prepared)
+    both = FeatureDatasets([prepared, prepared])
+    assert len(both) == 2 * len(one) and both.lengths() == one.lengths() * 2 and both.vocab_size == one.vocab_size
+    last = len(both) - 1
+    assert torch.equal(both[last]["input_ids"], one[len(one) - 1]["input_ids"])
+    assert torch.equal(both[len(one)]["features"], one[0]["features"])
+    counted = lambda ds, n: sum(int(m.sum()) for _, m in ds.iter_tokens(n))  # noqa: E731
+    assert counted(both, None) == 2 * counted(one, None)
+    assert counted(both, len(one) + 3) == counted(one, None) + counted(one, 3)
+    assert torch.equal(draft_vocabulary(both, 32, len(one) + 3), draft_vocabulary(both, 32, len(one) + 3))
+
+    out = tmp_path / "ckpt"
+    cfg = config(prepared, out, tiny_dir, data=[str(prepared), str(prepared)], epochs=1, draft_vocab_size=32, max_steps=2)
+    assert not train(cfg, progress=False)["finished"]
+    res = train(config(prepared, out, tiny_dir, data=[str(prepared), str(prepared)], epochs=1, draft_vocab_size=32), resume=True, progress=False)
+    assert res["finished"] and res["step"] == -(-(2 * len(one) - 4) // 4)  # both directories, less the 4 held out
+    with pytest.raises(TurboLMError, match="other settings"):  # a resume must read the same directories
+        train(config(prepared, out, tiny_dir, epochs=1, draft_vocab_size=32), resume=True, progress=False)
+
+    parse = build_parser().parse_args
+    argv = ["draft", "train", "--out", str(tmp_path / "x"), "--target", str(tiny_dir), "--data"]
+    assert parse(argv + ["a", "b"]).data == ["a", "b"]
+    assert cmd_train(parse(argv + [str(prepared), "--epochs", "1", "--max-steps", "1", "--eval-samples", "4"])) == 0
+    state = tmp_path / "x" / json.loads((tmp_path / "x" / "latest.json").read_text())["state"] / "state.json"
+    assert json.loads(state.read_text())["config"]["data"] == str(prepared)  # one source: recorded as before
+
+    tokens = tmp_path / "tokens.safetensors"
+    export_tokens(prepared, tokens)
+    with pytest.raises(ParameterError, match="merge token files first") as e:
+        train(config(prepared, tmp_path / "y", tiny_dir, data=[str(prepared), str(tokens)]), progress=False)
+    assert e.value.params == ("data",)
+    with pytest.raises(ParameterError, match="no training data"):
+        train(config(prepared, tmp_path / "z", tiny_dir, data=[]), progress=False)
+    narrow = make_model_dir(tmp_path / "narrow", "llama", hidden_size=32)
+    (tmp_path / "rows.json").write_text(json.dumps(DRAFT_ROWS[:4]))
+    prepare_features(narrow, tmp_path / "rows.json", tmp_path / "narrow-features", max_length=64, progress=False)
+    with pytest.raises(DataError, match="32-wide features"):
+        FeatureDatasets([prepared, tmp_path / "narrow-features"])
+    with pytest.raises(TurboLMError, match="different target"):
+        train(config(prepared, tmp_path / "w", tiny_dir, data=[str(prepared), str(tmp_path / "narrow-features")]), progress=False)

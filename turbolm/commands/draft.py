@@ -70,7 +70,8 @@ def register(sub) -> None:
 
 _TRAIN_HELP = {
     "data": "a directory written by `turbolm draft prepare`, or a token file (.safetensors, `export_tokens`): the target then "
-            "computes the features at the start, in memory (nothing stored; on the device accelerate picks)",
+            "computes the features at the start, in memory (nothing stored; on the device accelerate picks); several "
+            "prepared directories are read as one dataset, in the order given (the held-out samples are the last one's last)",
     "target_dtype": "the target's precision when it computes features from a token file (bfloat16 on a GPU)",
     "mixed_precision": "no | bf16: autocast the training steps in bfloat16 (for GPUs)",
     "out": "checkpoint directory (config.json + model.safetensors, training state, log, loss.png)",
@@ -97,7 +98,9 @@ def _add_train_config_args(p: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING:
+        if f.name == "data":
+            p.add_argument(flag, required=True, nargs="+", metavar="DATA", help=_TRAIN_HELP.get(f.name))
+        elif f.default is dataclasses.MISSING:
             p.add_argument(flag, required=True, help=_TRAIN_HELP.get(f.name))
         elif f.name == "betas":
             p.add_argument(flag, type=float, nargs=2, default=list(f.default), help="AdamW betas")
@@ -142,6 +145,8 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.betas = tuple(cfg.betas)
+    if len(cfg.data) == 1:  # one source, recorded as before (a run started with it resumes with it)
+        cfg.data = cfg.data[0]
     try:
         with sigterm_as_interrupt():
             result = train(cfg, resume=args.resume)

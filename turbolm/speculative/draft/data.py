@@ -600,6 +600,38 @@ class FeatureDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_open": None}
 
 
+class FeatureDatasets(torch.utils.data.ConcatDataset):
+    """Several prepared directories read as one dataset, in the order given (so a held-out tail
+    comes from the last one): the chunks a long regeneration writes (``draft_recipe.py`` prepares
+    row ranges) trained on together. Each directory is checked as ``FeatureDataset`` checks one;
+    they must hold features of the same width (the caller checks each one's target)."""
+
+    def __init__(self, directories: list[str | os.PathLike], partial: bool = False):
+        if not directories:
+            raise ParameterError("{} needs at least one prepared directory", "directories")
+        parts = [FeatureDataset(d, partial=partial) for d in directories]
+        for part in parts[1:]:
+            if part.meta["hidden_size"] != parts[0].meta["hidden_size"]:
+                raise DataError(f"{part.directory} holds {part.meta['hidden_size']}-wide features, "
+                                f"{parts[0].directory} {parts[0].meta['hidden_size']}-wide: prepared for different targets")
+        super().__init__(parts)
+        self.parts = parts
+
+    @property
+    def vocab_size(self) -> int:
+        return self.parts[0].vocab_size
+
+    def lengths(self) -> list[int]:
+        return [n for part in self.parts for n in part.lengths()]
+
+    def iter_tokens(self, samples: int | None = None):
+        """As ``FeatureDataset.iter_tokens``, over the directories in order."""
+        for part, first in zip(self.parts, [0, *self.cumulative_sizes]):
+            if samples is not None and first >= samples:
+                return
+            yield from part.iter_tokens(None if samples is None else samples - first)
+
+
 # --- token files: regenerate on one machine, compute features on another -------------------------
 
 

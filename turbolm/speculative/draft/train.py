@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.attention import without_cudnn_attention
-from ...core.errors import ParameterError, TurboLMError
+from ...core.errors import ParameterError, TurboLMError, literal
 from ...core.interrupts import Interrupted, stop_at_safe_point
 from ...core.io import load_training_state, save_training_state, settings_differences
 from .model import ARCHS, CANDIDATE_MODES, PAIRINGS, DraftConfig, DraftModel, KVCache, init_from_target, load_draft
@@ -36,7 +37,7 @@ from .model import ARCHS, CANDIDATE_MODES, PAIRINGS, DraftConfig, DraftModel, KV
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: str | list[str]  # a prepared directory or token file; or several prepared directories, read as one
     out: str
     arch: str = "jakiro"
     candidate_mode: str = "mixture"
@@ -75,23 +76,45 @@ def _target_and_data(cfg: TrainConfig, device, progress: bool):
     target checked against the one they came from) or a token file (features computed now, in
     memory, by the target on ``device`` in ``cfg.target_dtype``)."""
     from ...core.models import identity_mismatch, load_target
-    from .data import FeatureDataset, TokenFeatures, read_meta
+    from .data import FeatureDataset, FeatureDatasets, TokenFeatures
 
-    if Path(cfg.data).is_file() and Path(cfg.data).suffix == ".safetensors":
+    sources = data_sources(cfg.data)
+    token_files = [d for d in sources if Path(d).is_file() and Path(d).suffix == ".safetensors"]
+    if token_files and len(sources) > 1:
+        raise ParameterError(f"{{}} takes one token file ({literal(token_files[0])}) or prepared directories, not "
+                             f"{len(sources)} sources with token files among them; merge token files first "
+                             f"(turbolm.speculative.draft.data.merge_tokens)", "data")
+    if token_files:
         model, _ = load_target(cfg.target, dtype=cfg.target_dtype, device=device)
-        dataset = TokenFeatures(cfg.data, model, samples=cfg.max_samples or None, progress=progress)
+        dataset = TokenFeatures(token_files[0], model, samples=cfg.max_samples or None, progress=progress)
     else:
-        meta = read_meta(cfg.data)
-        dataset = FeatureDataset(cfg.data, partial=bool(cfg.max_samples))
+        partial = bool(cfg.max_samples)
+        dataset = FeatureDataset(sources[0], partial) if len(sources) == 1 else FeatureDatasets(sources, partial)
         model, _ = load_target(cfg.target)
-        diff = identity_mismatch(meta["target"], model)
-        if diff:
-            raise TurboLMError(f"the features in {cfg.data} were prepared for a different target than "
-                               f"{cfg.target or 'the default'} ({diff})")
+        for part in getattr(dataset, "parts", [dataset]):
+            diff = identity_mismatch(part.meta["target"], model)
+            if diff:
+                raise TurboLMError(f"the features in {part.directory} were prepared for a different target than "
+                                   f"{cfg.target or 'the default'} ({diff})")
     embed, head = model.get_input_embeddings().float(), model.get_output_embeddings().float()
     for p in list(embed.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
     return model, dataset, embed, head
+
+
+def data_sources(data: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``TrainConfig.data`` as a list: one source (a prepared directory or a token file) or several
+    prepared directories, trained on as one dataset in the order given."""
+    sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not sources:
+        raise ParameterError("{} names no training data", "data")
+    return [str(d) for d in sources]
+
+
+def _named(data) -> str:
+    sources = data_sources(data)
+    named = sources[0] if len(sources) == 1 else f"the {len(sources)} directories of data ({', '.join(sources)})"
+    return literal(named)  # placed in ParameterError templates
 
 
 def draft_vocabulary(ds, size: int, samples: int | None = None) -> torch.Tensor:
@@ -360,9 +383,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     target, dataset, embed, head = _target_and_data(cfg, accelerator.device, progress)
     n = min(len(dataset), cfg.max_samples or len(dataset))
     if cfg.max_samples and len(dataset) < cfg.max_samples:
-        raise ParameterError(f"{cfg.data} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
+        raise ParameterError(f"{_named(cfg.data)} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
     if n <= cfg.eval_samples:
-        raise ParameterError(f"{cfg.data} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
+        raise ParameterError(f"{_named(cfg.data)} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
     out.mkdir(parents=True, exist_ok=True)
     embed, head = embed.to(accelerator.device), head.to(accelerator.device)
     dconf = DraftConfig.for_target(
