@@ -76,7 +76,7 @@ def _target_and_data(cfg: TrainConfig, device, progress: bool):
     target checked against the one they came from) or a token file (features computed now, in
     memory, by the target on ``device`` in ``cfg.target_dtype``)."""
     from ...core.models import identity_mismatch, load_target
-    from .data import FeatureDataset, FeatureDatasets, TokenFeatures
+    from .data import FeatureDatasets, TokenFeatures
 
     sources = data_sources(cfg.data)
     token_files = [d for d in sources if Path(d).is_file() and Path(d).suffix == ".safetensors"]
@@ -88,10 +88,9 @@ def _target_and_data(cfg: TrainConfig, device, progress: bool):
         model, _ = load_target(cfg.target, dtype=cfg.target_dtype, device=device)
         dataset = TokenFeatures(token_files[0], model, samples=cfg.max_samples or None, progress=progress)
     else:
-        partial = bool(cfg.max_samples)
-        dataset = FeatureDataset(sources[0], partial) if len(sources) == 1 else FeatureDatasets(sources, partial)
+        dataset = FeatureDatasets(sources, partial=bool(cfg.max_samples))
         model, _ = load_target(cfg.target)
-        for part in getattr(dataset, "parts", [dataset]):
+        for part in dataset.parts:
             diff = identity_mismatch(part.meta["target"], model)
             if diff:
                 raise TurboLMError(f"the features in {part.directory} were prepared for a different target than "
