@@ -21,7 +21,7 @@ import torch
 
 from turbolm.core.machine import describe_machine
 from turbolm.speculative.draft.model import load_draft
-from turbolm.speculative.draft.train import TrainConfig, _target_and_data, evaluate
+from turbolm.speculative.draft.train import TrainConfig, evaluate, sample_split, target_and_data
 
 
 def main() -> int:
@@ -33,16 +33,15 @@ def main() -> int:
     ap.add_argument("--data-note", required=True, help="where the training data came from (one sentence)")
     a = ap.parse_args()
     run, previous, out = Path(a.run), Path(a.previous), Path(a.out)
-    state = run / json.loads((run / "latest.json").read_text())["state"]
-    recipe = json.loads((state / "state.json").read_text())["config"]
-    seconds = json.loads((state / "state.json").read_text())["seconds"]
+    state = json.loads((run / json.loads((run / "latest.json").read_text())["state"] / "state.json").read_text())
+    recipe, seconds = state["config"], state["seconds"]
     evals = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "eval" in r]
     if not evals:
         raise SystemExit(f"{run} has no held-out evaluation: finish the run first")
 
-    target, dataset, embed, head = _target_and_data(TrainConfig(**recipe), torch.device("cpu"), False)
-    n = len(dataset) if not recipe["max_samples"] else min(len(dataset), recipe["max_samples"])
-    held_out = list(range(n - recipe["eval_samples"], n))
+    cfg = TrainConfig(**recipe)
+    target, dataset, embed, head = target_and_data(cfg, torch.device("cpu"), False)
+    held_out = sample_split(cfg, len(dataset))[1]
     before = evaluate(load_draft(previous, target).float(), embed, head.weight, dataset, held_out, recipe["eval_depth"])
 
     load_draft(run, target).save(out, dtype=torch.float16)

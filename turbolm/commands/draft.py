@@ -145,8 +145,6 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.betas = tuple(cfg.betas)
-    if len(cfg.data) == 1:  # one source, recorded as before (a run started with it resumes with it)
-        cfg.data = cfg.data[0]
     try:
         with sigterm_as_interrupt():
             result = train(cfg, resume=args.resume)

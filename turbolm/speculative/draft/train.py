@@ -69,8 +69,11 @@ class TrainConfig:
     target_dtype: str = "float32"  # the target's precision where it computes features (data = a token file)
     mixed_precision: str = "no"  # no | bf16 (autocast of the training steps)
 
+    def __post_init__(self):
+        if not isinstance(self.data, (str, os.PathLike)) and len(self.data) == 1:
+            self.data = str(self.data[0])  # one source is recorded as before, so a run started either way resumes
 
-def _target_and_data(cfg: TrainConfig, device, progress: bool):
+def target_and_data(cfg: TrainConfig, device, progress: bool):
     """The target, the training samples and the frozen float32 target modules the draft needs
     (embedding, lm_head). ``cfg.data`` is a prepared directory (features read from disk, the
     target checked against the one they came from) or a token file (features computed now, in
@@ -99,6 +102,14 @@ def _target_and_data(cfg: TrainConfig, device, progress: bool):
     for p in list(embed.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
     return model, dataset, embed, head
+
+
+def sample_split(cfg: TrainConfig, samples: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) sample indices of a ``samples``-sample dataset: the first ``max_samples``
+    (all when 0), the last ``eval_samples`` of them held out."""
+    n = min(samples, cfg.max_samples or samples)
+    cut = max(0, n - cfg.eval_samples)
+    return list(range(cut)), list(range(cut, n))
 
 
 def data_sources(data: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -379,8 +390,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise ParameterError(f"{out} already holds a training run; pass {{}} to continue it or choose another {{}}", "resume", "out")
     _check_config(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    target, dataset, embed, head = _target_and_data(cfg, accelerator.device, progress)
-    n = min(len(dataset), cfg.max_samples or len(dataset))
+    target, dataset, embed, head = target_and_data(cfg, accelerator.device, progress)
+    train_idx, eval_idx = sample_split(cfg, len(dataset))
+    n = len(train_idx) + len(eval_idx)
     if cfg.max_samples and len(dataset) < cfg.max_samples:
         raise ParameterError(f"{_named(cfg.data)} has {len(dataset)} samples so far; {{}} is {cfg.max_samples}", "max_samples")
     if n <= cfg.eval_samples:
@@ -409,15 +421,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             state["fc.bias"] = torch.zeros_like(draft.fc.bias)
         draft.load_state_dict(state)
     if cfg.draft_vocab_size and not resume and cfg.init in ("random", "target"):
-        draft.draft_vocab.copy_(draft_vocabulary(dataset, cfg.draft_vocab_size, n - cfg.eval_samples))
+        draft.draft_vocab.copy_(draft_vocabulary(dataset, cfg.draft_vocab_size, len(train_idx)))
     decay = [p for name, p in draft.named_parameters() if p.dim() >= 2]
     no_decay = [p for name, p in draft.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=tuple(cfg.betas),
     )
-    train_idx = list(range(n - cfg.eval_samples))
-    eval_idx = list(range(n - cfg.eval_samples, n))
     lengths = dataset.lengths()
     per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = per_epoch * cfg.epochs
