@@ -267,7 +267,11 @@ def test_training_reads_several_prepared_directories_as_one(prepared, tmp_path, 
     counted = lambda ds, n: sum(int(m.sum()) for _, m in ds.iter_tokens(n))  # noqa: E731
     assert counted(both, None) == 2 * counted(one, None)
     assert counted(both, len(one) + 3) == counted(one, None) + counted(one, 3)
-    assert torch.equal(draft_vocabulary(both, 32, len(one) + 3), draft_vocabulary(both, 32, len(one) + 3))
+    histogram = lambda ds, *ns: sum(torch.bincount(ids[m], minlength=one.vocab_size)  # noqa: E731
+                                    for n in ns for ids, m in ds.iter_tokens(n))
+    counts = histogram(one, None, 3)  # all of the first directory, 3 samples of the second
+    assert torch.equal(histogram(both, len(one) + 3), counts) and not torch.equal(histogram(both, None), counts)
+    assert torch.equal(draft_vocabulary(both, 32, len(one) + 3), torch.sort(torch.topk(counts, 32).indices).values)
 
     out = tmp_path / "ckpt"
     cfg = config(prepared, out, tiny_dir, data=[str(prepared), str(prepared)], epochs=1, draft_vocab_size=32, max_steps=2)
