@@ -9,12 +9,14 @@ target computing features on the fly, bf16 autocast and large batches").
    their token ids are exported to OUT/tokens.safetensors (the regenerated data, reusable on a
    CPU with `turbolm draft prepare --from-tokens` or `draft train --data`).
 2. A short probe measures a training step; the epochs that fit the rest of the budget follow.
-3. Jakiro and EAGLE-2 train at once (two processes on the one device) from the token file: the
-   target computes the features in memory at the start, bf16 autocast, training-time test.
+3. Jakiro and EAGLE-2 train at once (two processes on the one device) from the token file (this
+   run's answers, then any --extra-tokens from earlier runs; the held-out samples are the last
+   file's last), from noise or continued from a trained draft (--init-jakiro / --init-eagle2):
+   the target computes the features in memory at the start, bf16 autocast, training-time test.
    A SIGTERM at the deadline saves their state (then the draft is the last saved step's).
-4. OUT gets jakiro.tar / eagle2.tar (checkpoint, logs, curve) and the token file, xz-compressed,
-   each in parts of 15 MiB (`cat jakiro.tar.* > jakiro.tar`; `cat tokens.safetensors.xz.* | xz -d
-   > tokens.safetensors`), summary.json and run.log.
+4. OUT gets jakiro.tar / eagle2.tar (checkpoint, logs, curve) and this run's token file, xz-compressed,
+   each in parts of 15 MiB (`cat jakiro.tar.* > jakiro.tar`; `cat regenerated.safetensors.xz.* | xz -d
+   > regenerated.safetensors`), summary.json and run.log.
 
 Dry run on a CPU with a tiny model (the test suite's): add --device cpu and small sizes.
 """
@@ -81,8 +83,8 @@ def wait_until(procs: list[subprocess.Popen], deadline: float, grace: float = 45
     return [p.wait() for p in procs]
 
 
-def train_args(a, name: str, arch: str, data: Path, work: Path) -> list[str]:
-    return ["draft", "train", "--data", str(data), "--out", str(work / name), "--arch", arch,
+def train_args(a, name: str, arch: str, data: Path, work: Path, init: str | None = None) -> list[str]:
+    return ["draft", "train", *(["--init", init] if init else []), "--data", str(data), "--out", str(work / name), "--arch", arch,
             "--target", a.target, "--target-dtype", a.target_dtype, "--mixed-precision", a.mixed_precision,
             "--draft-vocab-size", str(a.vocab), "--batch-size", str(a.batch), "--lr", str(a.lr),
             "--warmup-steps", str(a.warmup), "--ttt-steps", str(a.ttt), "--eval-samples", str(a.eval_samples),
@@ -130,7 +132,11 @@ def main() -> int:
                     help="sample the answers at this temperature (default 0: greedy; see draft prepare --regen-temperature)")
     ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--max-samples", type=int, default=None)
-    ap.add_argument("--extra-tokens", nargs="*", default=[], help="token files regenerated earlier, trained on too")
+    ap.add_argument("--extra-tokens", nargs="*", default=[],
+                    help="token files regenerated earlier, trained on too (after this run's; the held-out samples "
+                         "are the last file's last)")
+    ap.add_argument("--init-jakiro", default=None, help="continue this Jakiro draft (default: train from noise)")
+    ap.add_argument("--init-eagle2", default=None, help="continue this EAGLE-2 draft (default: train from noise)")
     ap.add_argument("--target-dtype", default="bfloat16")
     ap.add_argument("--mixed-precision", default="bf16")
     ap.add_argument("--batch", type=int, default=64)
@@ -174,24 +180,29 @@ def main() -> int:
         rc = wait_until([p], now())[0]
     from turbolm.speculative.draft.data import export_tokens, merge_tokens, read_meta
 
-    meta = read_meta(prep)
-    tokens = work / "tokens.safetensors"
-    n = export_tokens(prep, tokens)
-    summary["stages"]["regenerate"] = {"seconds": round(now() - t, 1), "exit": rc, "rows_done": meta["rows_done"],
-                                       "samples": n, "tokens": meta["tokens"], "answer_tokens": meta["loss_tokens"],
-                                       "skipped": meta["skipped"]}
-    say(f"regenerated: {summary['stages']['regenerate']}")
-    for f in prep.glob("shard-*.safetensors"):
-        f.unlink()  # the stored features are not needed: training computes them in memory
-    if a.extra_tokens:  # samples regenerated earlier (another run), trained on with these
-        n = merge_tokens([tokens, *map(Path, a.extra_tokens)], tokens)
-        summary["stages"]["regenerate"]["samples_with_extra"] = n
-        say(f"with {len(a.extra_tokens)} earlier token file(s): {n} samples")
-    # the token file, xz-compressed beside the training (it comes back in parts of 15 MiB)
-    packed = work / "tokens.safetensors.xz"
+    tokens, new_tokens = work / "tokens.safetensors", work / "regenerated.safetensors"
+    stage: dict = {"seconds": round(now() - t, 1), "exit": rc, "samples": 0}
+    if shards_done(prep):
+        meta = read_meta(prep)
+        stage.update(samples=export_tokens(prep, new_tokens), rows_done=meta["rows_done"], tokens=meta["tokens"],
+                     answer_tokens=meta["loss_tokens"], skipped=meta["skipped"])
+        for f in prep.glob("shard-*.safetensors"):
+            f.unlink()  # the stored features are not needed: training computes them in memory
+    summary["stages"]["regenerate"] = stage
+    say(f"regenerated: {stage}")
+    sources = ([new_tokens] if stage["samples"] else []) + list(map(Path, a.extra_tokens))
+    if not sources:
+        say("nothing regenerated and no --extra-tokens: nothing to train on")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return 1
+    n = merge_tokens(sources, tokens)  # this run's samples first, then the earlier ones
+    stage["samples_with_extra"] = n
+    say(f"training data: {len(sources)} token file(s), {n} samples")
+    # this run's token ids, xz-compressed beside the training (they come back in parts of 15 MiB)
+    packed = work / "regenerated.safetensors.xz"
     zipper = subprocess.Popen([sys.executable, "-c", "import lzma, shutil, sys\n"
                                "with open(sys.argv[1], 'rb') as s, lzma.open(sys.argv[2], 'wb', preset=6) as d:\n"
-                               "    shutil.copyfileobj(s, d)", str(tokens), str(packed)])
+                               "    shutil.copyfileobj(s, d)", str(new_tokens), str(packed)]) if stage["samples"] else None
 
     # 2. probe one training step's time (alone)
     t = now()
@@ -214,10 +225,10 @@ def main() -> int:
     # 3. both drafts at once
     t = now()
     procs = []
-    for name, arch in (("jakiro", "jakiro"), ("eagle2", "eagle2")):
+    for name, arch, init in (("jakiro", "jakiro", a.init_jakiro), ("eagle2", "eagle2", a.init_eagle2)):
         (work / name).mkdir()
         f = open(work / name / "console.log", "w")
-        procs.append(subprocess.Popen(turbolm(*train_args(a, name, arch, tokens, work), "--epochs", str(epochs)),
+        procs.append(subprocess.Popen(turbolm(*train_args(a, name, arch, tokens, work, init), "--epochs", str(epochs)),
                                       stdout=f, stderr=subprocess.STDOUT))
     codes = wait_until(procs, a.budget - 45, grace=25)
     summary["stages"]["train"] = {"seconds": round(now() - t, 1), "exit": codes}
@@ -232,11 +243,12 @@ def main() -> int:
             summary[name]["tar_parts"] = ship(work / f"{name}.tar", out, 2)
     say(f"trained: {summary['stages']['train']}; jakiro {summary['jakiro']}; eagle2 {summary['eagle2']}")
 
-    # 4. the compressed token file in parts (cat them, then xz -d), and the summary
-    zipper.wait(timeout=max(5, a.budget - now()))
-    parts = ship(packed, out, 2)
-    summary["tokens_file"] = {"bytes": tokens.stat().st_size, "xz_bytes": packed.stat().st_size, "parts": parts,
-                              "complete": parts <= 2}
+    # 4. this run's compressed token file in parts (cat them, then xz -d), and the summary
+    if zipper is not None:
+        zipper.wait(timeout=max(5, a.budget - now()))
+        parts = ship(packed, out, 2)
+        summary["tokens_file"] = {"bytes": new_tokens.stat().st_size, "xz_bytes": packed.stat().st_size,
+                                  "parts": parts, "complete": parts <= 2}
     summary["seconds"] = round(now(), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     say(f"done in {now():.0f} s")
