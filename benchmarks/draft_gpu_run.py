@@ -106,15 +106,18 @@ def saved_state(d: Path) -> dict:
 
 
 def pack(src: Path, dst: Path) -> None:
-    """src's files into the tar ``dst``, and the last saved training step's draft weights and state
-    when the run did not finish (no model.safetensors)."""
+    """src's files into the tar ``dst`` with the last saved training state (state.json: the run's
+    settings and time, which `benchmarks/ship_draft.py` reads), and that step's draft weights
+    when the run did not finish (no model.safetensors; `draft train --resume` goes on from it)."""
     keep = [p for p in sorted(src.iterdir()) if p.is_file()]
-    if not (src / "model.safetensors").is_file() and (src / "latest.json").is_file():
+    if (src / "latest.json").is_file():
         state_dir = src / json.loads((src / "latest.json").read_text())["state"]
-        keep += [state_dir / "draft.safetensors", state_dir / "state.json"]
+        keep += [p for p in [state_dir / "state.json"] if p.is_file()]
+        if not (src / "model.safetensors").is_file():
+            keep.append(state_dir / "draft.safetensors")
     with tarfile.open(dst, "w") as t:
         for p in keep:
-            t.add(p, arcname=f"{src.name}/{p.name}")
+            t.add(p, arcname=f"{src.name}/{p.relative_to(src)}")  # the layout latest.json names
 
 
 def main() -> int:
