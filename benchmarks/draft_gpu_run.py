@@ -6,8 +6,8 @@ target computing features on the fly, bf16 autocast and large batches").
 
 1. `turbolm draft prepare --regenerate` on the device in bfloat16 (large batches, one shard per
    batch), stopped with SIGTERM when its share of the budget is spent: the whole shards stay;
-   their token ids are exported to OUT/tokens.safetensors (the regenerated data, reusable on a
-   CPU with `turbolm draft prepare --from-tokens` or `draft train --data`).
+   their token ids are exported to a token file (the regenerated data; it comes back in OUT,
+   reusable on a CPU with `turbolm draft prepare --from-tokens` or `draft train --data`).
 2. A short probe measures a training step; the epochs that fit the rest of the budget follow.
 3. Jakiro and EAGLE-2 train at once (two processes on the one device) from the token file (this
    run's answers, then any --extra-tokens from earlier runs; the held-out samples are the last
