@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from turbolm.core.machine import describe_machine
+from turbolm.core.models import model_identity
 from turbolm.speculative.draft.model import load_draft
 from turbolm.speculative.draft.train import TrainConfig, evaluate, sample_split, target_and_data
 
@@ -57,10 +58,13 @@ def main() -> int:
     target, dataset, embed, head = target_and_data(cfg, torch.device("cpu"), False)
     held_out = sample_split(cfg, len(dataset))[1]
     before = evaluate(load_draft(previous, target).float(), embed, head.weight, dataset, held_out, recipe["eval_depth"])
-    here = evaluate(load_draft(run, target).float(), embed, head.weight, dataset, held_out, recipe["eval_depth"]) \
-        if a.eval_data else None
+    draft = load_draft(run, target)
+    here = evaluate(draft.float(), embed, head.weight, dataset, held_out, recipe["eval_depth"]) if a.eval_data else None
 
-    load_draft(run, target).save(out, dtype=torch.float16)
+    # The staged draft names the target it was checked against here: a run trained elsewhere recorded
+    # that machine's copy (a bf16 target on a GPU matches only through the embedding probe).
+    draft.config.target = model_identity(target)
+    draft.save(out, dtype=torch.float16)
     for name in ("train_log.jsonl", "loss.png"):
         if (run / name).is_file():
             shutil.copy(run / name, out / name)
