@@ -88,7 +88,8 @@ def train_args(a, name: str, arch: str, data: Path, work: Path, init: str | None
             "--target", a.target, "--target-dtype", a.target_dtype, "--mixed-precision", a.mixed_precision,
             "--draft-vocab-size", str(a.vocab), "--batch-size", str(a.batch), "--lr", str(a.lr),
             "--warmup-steps", str(a.warmup), "--ttt-steps", str(a.ttt), "--eval-samples", str(a.eval_samples),
-            "--save-every", "100000"]
+            "--save-every", "100000",
+            *(["--expert-size", str(a.jakiro_expert_size)] if arch == "jakiro" and a.jakiro_expert_size else [])]
 
 
 def ship(src: Path, out: Path, max_parts: int) -> int:
@@ -139,6 +140,8 @@ def main() -> int:
                     help="token files regenerated earlier, trained on too (after this run's; the held-out samples "
                          "are the last file's last)")
     ap.add_argument("--init-jakiro", default=None, help="continue this Jakiro draft (default: train from noise)")
+    ap.add_argument("--jakiro-expert-size", type=int, default=0,
+                    help="Jakiro's expert intermediate size (0: the hidden size; with --init-jakiro: that draft's)")
     ap.add_argument("--init-eagle2", default=None, help="continue this EAGLE-2 draft (default: train from noise)")
     ap.add_argument("--target-dtype", default="bfloat16")
     ap.add_argument("--mixed-precision", default="bf16")

@@ -39,7 +39,7 @@ def test_gpu_run_script_end_to_end_on_the_cpu(tmp_path, tiny_dir, tiny):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "draft_gpu_run.py"), "--device", "cpu", "--target", str(tiny_dir),
            "--data", str(new_rows), "--out", str(out), "--work", str(work), "--budget", "900", "--regen-share", "0.5",
            "--regen-batch", "4", "--regen-max-new", "8", "--max-length", "64", "--extra-tokens", str(earlier),
-           "--init-jakiro", str(init), "--batch", "4", "--eval-samples", "4", "--vocab", "32", "--lr", "1e-3",
+           "--init-jakiro", str(init), "--jakiro-expert-size", "64", "--batch", "4", "--eval-samples", "4", "--vocab", "32", "--lr", "1e-3",
            "--warmup", "1", "--probe-steps", "2", "--max-epochs", "1", "--target-dtype", "float32",
            "--mixed-precision", "no"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -63,4 +63,5 @@ def test_gpu_run_script_end_to_end_on_the_cpu(tmp_path, tiny_dir, tiny):
         state = run_dir / json.loads((run_dir / "latest.json").read_text())["state"] / "state.json"
         config = json.loads(state.read_text())["config"]  # what ship_draft.py reads
         assert config["init"] == start and config["arch"] == name and config["data"] == str(work / "tokens.safetensors")
+        assert config["expert_size"] == (64 if name == "jakiro" else 0)  # the tiny model's hidden size: the init's
         assert load_draft(run_dir, tiny[0]).config.draft_vocab_size == 32

@@ -138,8 +138,29 @@ def test_training_time_test_trains_and_records_later_steps(prepared, tmp_path, t
         train(config(prepared, tmp_path / "x", tiny_dir, init=str(out), arch="eagle2"), progress=False)
 
 
+def test_expert_size_splits_the_target_ffn_and_is_kept_when_continued(prepared, tmp_path, tiny_dir):
+    """--expert-size I/2: the two experts start from the two halves of the target's FFN (as many
+    parameters as EAGLE-2's); a run continued from that checkpoint keeps its size; another size is refused."""
+    out = tmp_path / "half"
+    target, _ = load_target(tiny_dir)
+    half = target.config.intermediate_size // 2
+    train(config(prepared, out, tiny_dir, epochs=1, init="target", expert_size=half, lr=0.0), progress=False)
+    draft = load_draft(out, target)
+    assert draft.config.expert_intermediate_size == half
+    mlp = target.get_decoder().layers[-1].mlp
+    for e, expert in enumerate(draft.experts):
+        assert torch.equal(expert.up_proj.weight, mlp.up_proj.weight[e * half:(e + 1) * half])
+    again = tmp_path / "again"
+    train(config(prepared, again, tiny_dir, epochs=1, init=str(out)), progress=False)
+    assert load_draft(again, target).config.expert_intermediate_size == half
+    with pytest.raises(TurboLMError, match="expert_size"):
+        train(config(prepared, tmp_path / "x", tiny_dir, init=str(out), expert_size=half + 1), progress=False)
+    with pytest.raises(TurboLMError, match="expert_size"):
+        train(config(prepared, tmp_path / "y", tiny_dir, arch="eagle2", expert_size=half), progress=False)
+
+
 @pytest.mark.parametrize("field, value", [("ttt_steps", 0), ("clip_mode", "max"), ("init", "no/such/dir"),
-                                          ("contrastive_pairing", "other")])
+                                          ("contrastive_pairing", "other"), ("expert_size", -1)])
 def test_bad_training_settings_name_the_parameter(prepared, tmp_path, tiny_dir, field, value):
     with pytest.raises(TurboLMError, match=field):
         train(config(prepared, tmp_path / "x", tiny_dir, **{field: value}), progress=False)

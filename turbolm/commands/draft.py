@@ -83,6 +83,9 @@ _TRAIN_HELP = {
     "fc_bias": "a bias in the draft's fc layer; --no-fc-bias for EAGLE-2 drafts meant for vLLM, which drops it",
     "eval_every": "held-out evaluation every N steps (0 = after each epoch)",
     "clip_mode": "gradient clipping: norm (clip the global norm to --grad-clip) | value (each value to +-grad-clip, the reference's)",
+    "expert_size": "Jakiro's expert intermediate size (0: the hidden size, as in the paper; the target's "
+                   "intermediate size / num_experts splits the target's FFN between the experts, as many "
+                   "parameters as EAGLE-2's FFN)",
     "init": "random | target: start the draft's attention (and FFN where shapes allow) from the target's last layer",
     "contrastive_pairing": "Jakiro's contrastive branch: expert (value slot e belongs to expert e, the reference's) | ranked",
     "ttt_steps": "training-time test: also train the draft on its own predicted features for K steps (1 = off)",

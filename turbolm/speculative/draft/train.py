@@ -42,6 +42,7 @@ class TrainConfig:
     arch: str = "jakiro"
     candidate_mode: str = "mixture"
     num_experts: int = 2
+    expert_size: int = 0  # Jakiro's expert intermediate size; 0: the hidden size (the paper)
     draft_vocab_size: int = 0  # 0 = the target's full vocabulary
     epochs: int = 2
     batch_size: int = 8
@@ -376,6 +377,10 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("ttt_steps", "epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ParameterError(f"{{}} must be >= 1, got {getattr(cfg, name)}", name)
+    if cfg.expert_size < 0:
+        raise ParameterError(f"{{}} must be >= 0 (0: the hidden size), got {cfg.expert_size}", "expert_size")
+    if cfg.expert_size and cfg.arch != "jakiro":
+        raise ParameterError(f"{{}} is for {{}} jakiro (its experts), not {cfg.arch!r}", "expert_size", "arch")
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -399,21 +404,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise ParameterError(f"{_named(cfg.data)} has {n} samples; need more than {{}} ({cfg.eval_samples})", "eval_samples")
     out.mkdir(parents=True, exist_ok=True)
     embed, head = embed.to(accelerator.device), head.to(accelerator.device)
+    start = load_draft(cfg.init, target) if cfg.init not in ("random", "target") and not resume else None
+    expert_size = cfg.expert_size or (start.config.expert_intermediate_size if start is not None else 0)
     dconf = DraftConfig.for_target(
         target, arch=cfg.arch, candidate_mode=cfg.candidate_mode, num_experts=cfg.num_experts,
-        draft_vocab_size=cfg.draft_vocab_size, contrastive_pairing=cfg.contrastive_pairing, fc_bias=cfg.fc_bias,
+        expert_intermediate_size=expert_size, draft_vocab_size=cfg.draft_vocab_size,
+        contrastive_pairing=cfg.contrastive_pairing, fc_bias=cfg.fc_bias,
     )
     torch.manual_seed(cfg.seed)
     draft = DraftModel(dconf)
     if cfg.init == "target" and not resume:
         init_from_target(draft, target)
-    elif cfg.init != "random" and not resume:  # continue from a trained draft: its weights and vocabulary
-        start = load_draft(cfg.init, target)
-        if (start.config.arch, start.config.num_experts, start.config.draft_vocab_size) != (
-                dconf.arch, dconf.num_experts, dconf.draft_vocab_size):
-            raise ParameterError(f"the draft in {cfg.init} is a {start.config.arch} with {start.config.num_experts} experts "
-                                 f"and a {start.config.draft_vocab_size}-token vocabulary; train with the same "
-                                 f"{{}}, {{}} and {{}}", "arch", "num_experts", "draft_vocab_size")
+    elif start is not None:  # continue from a trained draft: its weights and vocabulary
+        sc = start.config
+        if (sc.arch, sc.num_experts, sc.draft_vocab_size) != (dconf.arch, dconf.num_experts, dconf.draft_vocab_size) or (
+                sc.arch == "jakiro" and sc.expert_intermediate_size != dconf.expert_intermediate_size):
+            raise ParameterError(f"the draft in {cfg.init} is a {sc.arch} with {sc.num_experts} experts of "
+                                 f"{sc.expert_intermediate_size} and a {sc.draft_vocab_size}-token vocabulary; train "
+                                 f"with the same {{}}, {{}}, {{}} and {{}}", "arch", "num_experts", "expert_size",
+                                 "draft_vocab_size")
         state = start.state_dict()
         if not dconf.fc_bias:  # continuing without the bias: the draft starts a little off and adapts
             state.pop("fc.bias", None)
