@@ -12,7 +12,8 @@ load from other processes hits them alike; the table shows medians in ms.
   python benchmarks/cpu_forward.py --compile        # also torch.compile (slow to compile)
 
 Options: ``baseline`` (fp32, F.linear), ``fastpath`` (optimize_for_small_batches with every fast
-kernel: ``--fast-cpu on``), ``auto`` (the kernel table measured on this machine: ``--fast-cpu auto``),
+kernel: ``--fast-cpu on``), ``auto`` (the kernel table measured on this machine: ``--fast-cpu auto``; ``auto apart``: the same
+without computing sibling layers as one product),
 ``transposed`` (every linear as ``(W @ x.T).T`` for <= 16 rows), ``bf16`` (bf16 weights) and
 ``bf16 fastpath`` / ``bf16 auto``, the baseline and fastpath at 1 thread (if torch uses more; ``--no-one-thread`` skips them); ``max|dlogit|`` is the
 largest logit difference from the baseline over all row counts and ``argmax`` whether every
@@ -194,6 +195,7 @@ def main():
     shared = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
     options["fastpath"] = (optimize_for_small_batches(copy.deepcopy(base, dict(shared)), force=True), None)
     options["auto"] = (optimize_for_small_batches(copy.deepcopy(base, dict(shared)), mode="auto"), None)
+    options["auto apart"] = (optimize_for_small_batches(copy.deepcopy(base, dict(shared)), mode="auto", join=False), None)
     options["transposed"] = (transposed(copy.deepcopy(base, dict(shared))), None)
     if not args.no_bf16:
         bf16 = copy.deepcopy(base).to(torch.bfloat16)

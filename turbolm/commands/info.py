@@ -79,10 +79,17 @@ def _kernel_lines(k: dict) -> str:
     lines = [head, "  " + "rows".ljust(width) + "".join(f"{r:>11}" for r in k["rows"])]
     for group, row in k["kernels"].items():
         lines.append("  " + f"{group}: chosen".ljust(width) + "".join(f"{name:>11}" for name in row))
+    if any(k.get("joins") or ()):  # sibling layers (q/k/v, gate/up) as one product
+        lines.append("  " + "siblings: joined".ljust(width) + "".join(f"{'yes' if j else 'no':>11}" for j in k["joins"]))
     for group, per in k["timings_ms"].items():
         for kernel in KERNELS:
             cells = [per.get(str(r), {}).get(kernel) for r in k["rows"]]
             if any(c is not None for c in cells):
                 label = f"{group}: {kernel}, ms".ljust(width)
                 lines.append("  " + label + "".join(f"{c:>11.2f}" if c is not None else f"{'':>11}" for c in cells))
+    for how in ("apart", "joined"):
+        cells = [k.get("joins_ms", {}).get(str(r), {}).get(how) for r in k["rows"]]
+        if any(c is not None for c in cells):
+            label = f"siblings: {how}, ms".ljust(width)
+            lines.append("  " + label + "".join(f"{c:>11.2f}" if c is not None else f"{'':>11}" for c in cells))
     return "\n".join(lines)
