@@ -223,3 +223,18 @@ def test_join_timings_are_measured_cached_and_checked(tiny_dir, tmp_path, monkey
     path.write_text(json.dumps(entry))
     measured = kernel_table(model, timer=timer, busy_cpus=None)
     assert measured.source == "measured" and calls and "damaged" in caplog.text
+
+
+def test_tree_timings_are_keyed_by_the_kernels(tiny_dir):
+    """--tree auto's cached step timings belong to the kernels they were taken with: joining (or a
+    new kernel choice) times the trees again."""
+    from turbolm.speculative import PromptLookupProposer, TreeConfig
+    from turbolm.speculative.sizing import timing_key
+
+    model, _ = load_target(tiny_dir)
+    proposer = PromptLookupProposer(TreeConfig(total_tokens=8, depth=4, top_k=2))
+    keys = [timing_key(model, proposer, "x")]
+    for table in (packed_table(), packed_table(joins=False)):
+        optimize_for_small_batches(model, table=table)
+        keys.append(timing_key(model, proposer, "x"))
+    assert len(set(keys)) == 3

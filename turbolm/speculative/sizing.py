@@ -701,17 +701,21 @@ def choose_tree(acceptance: AcceptanceTable, verify_s: dict[int, float], draft_s
 
 def timing_key(target, proposer, draft_id: str) -> str:
     """The cache key of a proposer's timings: this machine (CPU, GPU, threads, torch), the
-    target (dtype, device, kernels, weights), the proposer and ``draft_id`` (the draft's content)."""
+    target (dtype, device, kernels - which ones per row count, and whether sibling layers join -,
+    weights), the proposer and ``draft_id`` (the draft's content)."""
+    from ..core.kernels import is_optimized, table_of
     from ..core.machine import cpu_model
     from ..core.models import model_identity
 
     cpu = cpu_model()
     device = target.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    from ..core.kernels import is_optimized
-
+    table = table_of(target)
+    kernels = "" if table is None else repr((sorted(table.kernels.items()), table.joins))
     parts = [cpu, gpu, str(torch.get_num_threads()), torch.__version__, str(target.dtype), str(device), str(is_optimized(target)),
              model_identity(target)["embedding_sha256"], proposer.name, draft_id]
+    if kernels:  # (a model without a kernel table keeps the key it had)
+        parts.append(kernels)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
