@@ -120,6 +120,30 @@ def test_version_1_tables_are_read_and_marked(tmp_path):
     assert choice.tree == TreeConfig(4, 2, 2) and "version-1" in choice.explain()
 
 
+def test_a_merges_ngram_branch_is_priced_all_or_nothing():
+    """Prompt lookup's branch adds its chain or nothing: a 1-node tree with 3 n-gram nodes on average
+    (of a 10-node branch) verifies 2 rows 70% of the time and 12 rows 30% of it - not 5 rows, which a
+    few-row kernel may make look cheap."""
+    from turbolm.speculative.sizing import verify_cost
+
+    verify = {1: 0.036, 2: 0.042, 5: 0.035, 7: 0.040, 9: 0.043, 13: 0.049, 17: 0.055}
+    assert verify_cost(verify, 2) == pytest.approx(0.042)
+    assert verify_cost(verify, 2, 3.0, 10) == pytest.approx(0.7 * 0.042 + 0.3 * (0.043 + 0.75 * 0.006))
+    assert verify_cost(verify, 2, 3.0) == pytest.approx(0.035)  # no branch size known: the mean size
+    assert verify_cost(verify, 2, 30.0, 10) == pytest.approx(0.043 + 0.75 * 0.006)  # p is at most 1: 12 rows
+    # A merge view knows its branch: a 1-node and a 4-node draft tree with the same mean n-gram nodes.
+    settings = ngram_settings(PromptLookupProposer(TreeConfig(total_tokens=10, depth=10, top_k=1)))
+    merged = {"settings": settings, "accepted": {"1": {"2": {"1": 1.29}}, "2": {"4": {"4": 1.5}}},
+              "extra_nodes": {"1": {"2": {"1": 3.0}}, "2": {"4": {"4": 3.0}}}}
+    table = AcceptanceTable(accepted={"1": {"2": {"1": 0.5}}, "2": {"4": {"4": 1.0}}}, steps=1, version=2, ngram=merged)
+    view = table.with_ngram(settings)
+    assert view.ngram_branch == 10 and asdict(view).get("ngram_branch") is None  # never stored
+    choice = choose_tree(view, verify, {1: {2: 0.001}, 2: {4: 0.002}})
+    assert choice.tree == TreeConfig(4, 2, 4)
+    view.ngram_branch = 0  # priced at the mean size, the 1-node tree (5 rows, the kernel's sweet spot) would win
+    assert choose_tree(view, verify, {1: {2: 0.001}, 2: {4: 0.002}}).tree == TreeConfig(1, 1, 2)
+
+
 def test_choice_follows_the_machine():
     # Mean accepted nodes for four candidate trees, and one draft cost table for both machines.
     table = AcceptanceTable(accepted={"2": {"1": {"2": 1.2}}, "4": {"1": {"4": 2.0}, "4": {"16": 2.6}},
