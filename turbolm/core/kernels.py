@@ -307,18 +307,25 @@ def choose_joins(kernels: tuple[str, ...], joins: dict, margin: float = MARGIN) 
     return tuple(verdict.get(k, False) for k in kernels)
 
 
-def _pass_timer(groups: dict[str, list], dtype: torch.dtype) -> Timer:
+def _random_inputs(dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
+    """``(in_features, rows) -> input``: one seeded random input per shape, made once."""
     inputs: dict = {}
     gen = torch.Generator().manual_seed(0)
 
+    def make(in_features: int, rows: int) -> torch.Tensor:
+        if (in_features, rows) not in inputs:
+            inputs[in_features, rows] = torch.randn(rows, in_features, generator=gen).to(dtype)
+        return inputs[in_features, rows]
+
+    return make
+
+
+def _pass_timer(groups: dict[str, list], dtype: torch.dtype) -> Timer:
+    make = _random_inputs(dtype)
+
     def timer(group: str, rows: int, kernel: str) -> float:
         pairs = groups[group]
-        xs = []
-        for w, _ in pairs:
-            key = (w.shape[1], rows)
-            if key not in inputs:
-                inputs[key] = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-            xs.append(inputs[key])
+        xs = [make(w.shape[1], rows) for w, _ in pairs]
         start = time.perf_counter()
         for x, (w, b) in zip(xs, pairs):
             if kernel == DEFAULT:
@@ -332,17 +339,11 @@ def _pass_timer(groups: dict[str, list], dtype: torch.dtype) -> Timer:
 
 def _join_timer(siblings: list, kernels: tuple[str, ...], dtype: torch.dtype) -> Timer:
     groups = [_Siblings(members) for members in siblings]
-    inputs: dict = {}
-    gen = torch.Generator().manual_seed(0)
+    make = _random_inputs(dtype)
 
     def timer(group: str, rows: int, how: str) -> float:
         kernel = kernels[BUCKETS.index(rows)]
-        xs = []
-        for g in groups:
-            key = (g.members[0].in_features, rows)
-            if key not in inputs:
-                inputs[key] = torch.randn(rows, key[0], generator=gen).to(dtype)
-            xs.append(inputs[key])
+        xs = [make(g.members[0].in_features, rows) for g in groups]
         start = time.perf_counter()
         for x, g in zip(xs, groups):
             if how == "joined" and g.product(kernel, x) is not None:
@@ -497,7 +498,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
             try:
                 timings = _cached_timings(entry, groups, dtype)
                 if siblings and "layers" in groups:
-                    joins = _cached_joins(entry, choose(timings, margin)["layers"])
+                    joins = _cached_joins(entry, choose(timings, margin)["layers"])  # the choice its timings make
             except (ValueError, TypeError, AttributeError) as e:
                 problems.append(f"{path} is damaged ({e}), not used")
                 timings = joins = None
@@ -512,8 +513,9 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
         with OtherLoad() as load:
             if timings is None:
                 timings = time_kernels(groups, dtype, repeats, timer, budget_s)
+            kernels = choose(timings, margin)
             if measure_joins:
-                joins = time_joins(siblings, choose(timings, margin)["layers"], dtype, repeats, timer, budget_s)
+                joins = time_joins(siblings, kernels["layers"], dtype, repeats, timer, budget_s)
         source, busy = "measured", load.cpus
         if path is not None:
             if too_busy(load.cpus, busy_cpus):
@@ -522,7 +524,7 @@ def kernel_table(model: nn.Module, dtype: torch.dtype | None = None, *, extra_we
             else:
                 record = {"version": TABLE_VERSION, "dtype": str(dtype), "timings_ms": _ms(timings), "other_cpus_busy": busy}
                 if joins is not None:
-                    record["joins_ms"] = _joins_ms(joins, choose(timings, margin)["layers"])
+                    record["joins_ms"] = _joins_ms(joins, kernels["layers"])
                 problem = write_cache_json(path, record)
                 if problem:
                     problems.append(f"{problem}; the kernel table is used for this run only (set TURBOLM_CACHE "
@@ -583,19 +585,23 @@ def _run(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if hit is None or hit[0] != key:
             hit = operands[kernel] = (key, _operand(kernel, weight))
         operand = hit[1]
+    if kernel in SCHEMES and (operand is None or operand.scheme != kernel or operand.dtype is not x.dtype):
+        return F.linear(x, weight, bias)  # changed since it was quantised: as it is
+    return _product(kernel, x, operand, bias)
+
+
+def _product(kernel: str, x: torch.Tensor, operand, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` times the weight ``operand`` stands for (its packed or transposed copy, or its quantised
+    form), plus ``bias``, by ``kernel``."""
     if kernel in SCHEMES:
-        if operand is None or operand.scheme != kernel or operand.dtype is not x.dtype:  # changed since: as it is
-            return F.linear(x, weight, bias)
         y = quantized_product(x.reshape(-1, x.shape[-1]).contiguous(), operand)
-        if bias is not None:
-            y += bias
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if kernel == TRANSPOSED:
+    elif kernel == TRANSPOSED:
         y = torch.mm(x.reshape(-1, x.shape[-1]), operand)
-        if bias is not None:
-            y += bias
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, operand, bias, "none", [], "")
+    else:
+        return torch.ops.mkldnn._linear_pointwise(x, operand, bias, "none", [], "")
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Plan(NamedTuple):
@@ -726,16 +732,9 @@ class _Siblings:
         if joint is None:
             return None
         operand, bias = joint
-        if kernel == PACKED:
-            y = torch.ops.mkldnn._linear_pointwise(x, operand, bias, "none", [], "")
-        else:
-            if operand.dtype is not x.dtype:
-                return None
-            y = quantized_product(x.reshape(-1, x.shape[-1]).contiguous(), operand)
-            if bias is not None:
-                y += bias
-            y = y.view(*x.shape[:-1], -1)
-        return [p.contiguous() for p in y.split(self.sizes, -1)]
+        if kernel in SCHEMES and operand.dtype is not x.dtype:
+            return None
+        return [p.contiguous() for p in _product(kernel, x, operand, bias).split(self.sizes, -1)]
 
     def output(self, member: nn.Linear, x: torch.Tensor, kernel: str) -> torch.Tensor | None:
         """``member``'s output for ``x``: kept from the joint product, or by a new joint product; None
