@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--method", default="prompt-lookup", help="the speculative method (prompt-lookup, jakiro, hybrid, ...)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--placeholders", action="store_true",
+                    help="keep an entry per prompt position in every block's cache, the skipped ones masked "
+                         "(the form before the pruned prompt was held compacted; for an A/B)")
     ap.add_argument("--out", default="runs/ftp_speculative")
     args = ap.parse_args()
 
@@ -102,9 +105,10 @@ def main() -> None:
     if decoders["spec"].tree_choice is not None:
         print(decoders["spec"].tree_choice.explain(), file=sys.stderr)
     pruned = build_pruned(model, tokenizer, PrunerSpec(checkpoint=args.pruner, prefill_only=True))
+    pruned.patch.compact_prompt = not args.placeholders
     header = {"machine": {**describe_machine(), **describe_model(model)},
               "settings": {"pruner": args.pruner, "method": args.method, "max_new_tokens": args.max_new_tokens,
-                           "dtype": args.dtype, "categories": args.categories, "per_category": args.per_category,
+                           "dtype": args.dtype, "placeholders": args.placeholders, "categories": args.categories, "per_category": args.per_category,
                            "greedy": True, "tree": vars(decoders["spec"].tree).copy() if hasattr(decoders["spec"], "tree") else None}}
     print(json.dumps(header), flush=True)
     out = Path(args.out)

@@ -12,6 +12,7 @@ from turbolm import load_target
 from turbolm.core.generation import forward, generate, new_cache
 from turbolm.pruning import LearnedRouter, StaticRouter, TokenPruner
 from turbolm.speculative import PromptLookupProposer, SpeculativeGenerator, TreeConfig
+from turbolm.speculative.cache import keep_only, truncate
 from turbolm.speculative.draft.model import DraftConfig, DraftModel
 from turbolm.speculative.proposers.hybrid import HybridProposer
 from turbolm.speculative.proposers.jakiro import JakiroProposer
@@ -60,28 +61,35 @@ def _default_reference(model, router, schedule, ids):
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("dense_kv", [False, True])
-def test_prefill_only_then_one_dense_token(three_layer_llama, dense_kv):
-    """A pruned prefill fills every block's cache (one entry per position, in order); the next
-    token runs dense and equals that token computed in one longer pruned forward that keeps it
-    in every block (the prompt's kept sets unchanged) - with the same K/V semantics."""
+@pytest.mark.parametrize("dense_kv,form", [(False, "compacted"), (False, "placeholders"), (True, "entries")])
+def test_prefill_only_then_one_dense_token(three_layer_llama, dense_kv, form):
+    """A pruned prefill fills every block's cache - with the default semantics only the kept
+    tokens' entries (compacted), or an entry per position with masked placeholders (the form a
+    batch of prompts needs); with dense_kv an entry per position. The next token runs dense and
+    equals that token computed in one longer pruned forward that keeps it in every block (the
+    prompt's kept sets unchanged) - with the same K/V semantics."""
     model, _ = three_layer_llama
     ids = random_ids(T=12)
     keep = [0, 1, 4, 5, 8, 11]
     reference = _reference if dense_kv else _default_reference
+    held = 6 if form == "compacted" else 12
     with torch.no_grad():
         with TokenPruner(model, FixedRouter(keep), [0.5] * 3, prefill_only=True, dense_kv=dense_kv) as p:
             cache = new_cache(model)
             prompt = forward(model, ids, cache).logits[0]
-            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [12] * 3
+            if form == "placeholders":
+                for layer in cache.layers:
+                    layer.expand()
+            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [held] * 3
+            assert cache.get_seq_length() == 12
             step = forward(model, torch.tensor([[7]]), cache).logits[0, -1]
             assert p.stats.decode_pairs == 0  # the new token ran dense, outside the pruner
-            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [13] * 3
+            assert [cache.layers[i].keys.shape[2] for i in range(3)] == [held + 1] * 3
             block = forward(model, torch.tensor([[3, 9, 4]]), cache).logits[0]  # three at once (causal)
             # the same when a layer gets no mask (sdpa's causal kernel): the pruner spells it out around
-            # the placeholders
-            for i in range(3):
-                cache.layers[i].keys, cache.layers[i].values = cache.layers[i].keys[:, :, :13], cache.layers[i].values[:, :, :13]
+            # the placeholders, or over the entries a compacted layer holds
+            truncate(cache, 13)
+            assert cache.get_seq_length() == 13 and cache.layers[0].keys.shape[2] == held + 1
 
             def no_mask(module, args, kwargs):
                 return args, {**kwargs, "attention_mask": None}
@@ -98,6 +106,31 @@ def test_prefill_only_then_one_dense_token(three_layer_llama, dense_kv):
     torch.testing.assert_close(block, ref[0, 13:], rtol=1e-4, atol=1e-4)
     if not dense_kv:  # (with dense_kv the layers run as they are, and get the mask transformers gives)
         torch.testing.assert_close(unmasked, ref[0, 13:], rtol=1e-4, atol=1e-4)
+
+
+def test_compacted_prompt_positions_truncation_and_expansion(three_layer_llama):
+    """A compacted cache layer counts every position, crops by position (into the prompt too),
+    keeps a tree's accepted nodes behind the prompt, and expands to the placeholder form."""
+    model, _ = three_layer_llama
+    with torch.no_grad(), TokenPruner(model, FixedRouter([0, 2, 3, 6]), [0.5] * 3, prefill_only=True):
+        cache = new_cache(model)
+        forward(model, random_ids(T=8), cache)
+        forward(model, random_ids(T=4), cache)  # four more positions, dense
+    layer = cache.layers[1]
+    assert (layer.front, layer.dropped, layer.keys.shape[2], cache.get_seq_length()) == (8, 4, 8, 12)
+    assert layer.columns(14).tolist() == [0, 2, 3, 6, 8, 9, 10, 11, 12, 13]
+    keys = layer.keys.clone()
+    keep_only(cache, 8, [1, 3])  # positions 9 and 11 move behind the prompt
+    assert cache.get_seq_length() == 10 and torch.equal(layer.keys, torch.cat([keys[:, :, :4], keys[:, :, [5, 7]]], 2))
+    with pytest.raises(ValueError, match="inside the compacted prompt"):
+        keep_only(cache, 5, [1])
+    layer.expand()
+    assert layer.kept is None and layer.visible[0, 0, 0].tolist() == [1, 0, 1, 1, 0, 0, 1, 0]
+    assert torch.equal(layer.keys[:, :, [0, 2, 3, 6, 8, 9]], torch.cat([keys[:, :, :4], keys[:, :, [5, 7]]], 2))
+    assert not layer.keys[:, :, [1, 4, 5, 7]].any()
+    other = cache.layers[2]
+    truncate(cache, 4)  # into the prompt: positions 0, 2, 3 keep their entries
+    assert (other.front, other.kept.tolist(), other.keys.shape[2], other.get_seq_length()) == (4, [0, 2, 3], 3, 4)
 
 
 def test_prefill_only_decodes_as_the_pruners_own_decoding(three_layer_llama):

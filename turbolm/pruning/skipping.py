@@ -18,10 +18,14 @@ hidden state (residual pass-through). So a block costs what its kept tokens cost
   cache) skips tokens; every later forward - one new token, or a speculative tree - runs the
   dense model on that cache. So any decoding method (vanilla, speculative) runs unchanged after
   a pruned prefill, and its output is exactly vanilla decoding's after the same pruned prefill.
-  To give every block's cache one entry per position, a skipped token leaves its keys/values
-  (``dense_kv``) or, by default, a placeholder that every later query is masked from - so the
-  default semantics are kept exactly: the later forwards compute what the pruned model's own
-  decoding computes when a new token runs every block.
+  With ``dense_kv`` a skipped token leaves its keys/values in every block's cache. By default it
+  leaves none: one sequence's cache layer holds only the kept tokens' entries and knows their
+  positions (``core.kvcache.GrowingLayer.kept``), so later queries read only real keys (a
+  decoding step after a 900-token prompt pruned at 30% costs about what one after ~630 tokens
+  does); a batch of several prompts gets an entry per position instead, a placeholder where a
+  token skipped, which every later query is masked from. Either way the default semantics are
+  kept exactly: the later forwards compute what the pruned model's own decoding computes when a
+  new token runs every block.
 - Decoding (one new token): the newest token runs block ``l`` when the router's
   ``keep_decode`` says so (learned router: sigmoid(score) >= threshold), otherwise it skips
   it and leaves no keys/values there. Each block's KV cache therefore holds only the tokens
@@ -50,7 +54,7 @@ import torch
 from ..core.attention import SDPA_LIKE
 from ..core.errors import TurboLMError
 from ..core.generation import cache_kwarg
-from ..core.kvcache import growing_cache
+from ..core.kvcache import GrowingLayer, growing_cache
 from ..core.patches import ModelPatch
 from .factors import UNIFORM_ATTENTION, apply_rotary, attention_value, build_factors, rank_of, received_attention
 
@@ -141,6 +145,10 @@ class TokenPruner(ModelPatch):
     """
 
     patches = frozenset({"decoder_layers"})
+    #: prefill_only, default semantics: one sequence's cache layers hold only the kept tokens'
+    #: entries (False: an entry per position with masked placeholders, as batches get - the A/B
+    #: switch of ``benchmarks/ftp_speculative.py --placeholders``)
+    compact_prompt: bool = True
 
     def __init__(self, model, router, schedule, *, dense_kv: bool = False, prefill_only: bool = False,
                  attention_queries: int = 8, train_records: bool = False, track_attention: bool | None = None):
@@ -338,10 +346,15 @@ class TokenPruner(ModelPatch):
         return out
 
     def _leave_placeholders(self, idx, cache, keep_idx, n_past, T):
-        """prefill_only: give block ``idx``'s cache an entry per position - zeros where a token
-        skipped the block, which every later query is masked from (:meth:`_dense_block`)."""
+        """prefill_only: one sequence's cache layer holds the kept tokens' entries only, and says so
+        (``GrowingLayer.compacted``: attention after it reads only real keys); otherwise the layer
+        gets an entry per position - zeros where a token skipped the block, which every later
+        query is masked from (:meth:`_dense_block`)."""
         B, K = keep_idx.shape
         layer = cache.layers[idx]
+        if self.compact_prompt and B == 1 and n_past == 0 and isinstance(layer, GrowingLayer):
+            layer.compacted(keep_idx[0].clone(), T)
+            return
         zeros = layer.keys.new_zeros(B, layer.keys.shape[1], T - K, layer.keys.shape[3])
         cache.update(zeros, zeros.clone(), idx)
         skipped, skip_idx = _skipped_rows(keep_idx, T)
@@ -398,24 +411,33 @@ class TokenPruner(ModelPatch):
         return out
 
     def _dense_block(self, idx, orig, hidden, args, kwargs, fw):
-        """prefill_only after the prompt: the unmodified layer, its queries masked from the
-        placeholders the prompt left in this block's cache (the cache layer's ``visible``)."""
+        """prefill_only after the prompt: the unmodified layer, reading what the prompt left in this
+        block's cache - the kept tokens' entries only (a compacted layer: the mask's columns for
+        them), or an entry per position with the placeholders masked (the layer's ``visible``)."""
         layer = cache_of(kwargs).layers[idx]
         prompt = getattr(layer, "visible", None)
-        if prompt is None:
+        compacted = getattr(layer, "kept", None) is not None
+        if prompt is None and not compacted:
             return orig(hidden, *args, **kwargs)
         B, T, _ = hidden.shape
-        n_past = layer.keys.shape[2]
+        n_past = layer.get_seq_length() if compacted else layer.keys.shape[2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 4 or mask.shape[-1] != n_past + T):
+            raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
+                               f"{T} new tokens after {n_past} cached ones; it needs a 4D mask over the whole cache")
+        if compacted:
+            n_held = layer.keys.shape[2]
+            if mask is not None:
+                mask = mask.index_select(-1, layer.columns(n_past + T))
+            elif T > 1:  # sdpa's own causal kernel: spell it out over the entries there are
+                mask = torch.ones(T, n_held + T, dtype=torch.bool, device=hidden.device).tril(n_held)
+            return orig(hidden, *args, **{**kwargs, "attention_mask": mask})
         n = min(prompt.shape[-1], n_past)
         visible = torch.nn.functional.pad(prompt[..., :n], (0, n_past + T - n), value=True)
-        mask = kwargs.get("attention_mask")
         if mask is None and T == 1:
             mask = visible
         elif mask is None:  # sdpa's own causal kernel: spell it out
             mask = visible & torch.ones(T, n_past + T, dtype=torch.bool, device=hidden.device).tril(n_past)
-        elif mask.dim() != 4 or mask.shape[-1] != n_past + T:
-            raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
-                               f"{T} new tokens after {n_past} cached ones; it needs a 4D mask over the whole cache")
         elif mask.dtype == torch.bool:
             mask = mask & visible
         else:

@@ -13,9 +13,10 @@ rows the logits are those of a B-row product, which float32 matrix kernels round
 from a 1-row product (~1e-6 relative, measured): a greedy row then gives the tokens decoding
 alone gives unless two candidates tie to that precision (docs/serving.md).
 
-A prefill_only token pruner (``turbolm serve --pruner``) leaves placeholders in a row's cache
-that the row's later queries are masked from (each cache layer's ``visible``,
-:mod:`turbolm.core.kvcache`): joining and leaving carry those masks with the rows, and the
+A prefill_only token pruner (``turbolm serve --pruner``) leaves a row's cache holding only its
+kept tokens' entries (compacted, :mod:`turbolm.core.kvcache`); a row that joins others gets an
+entry per position instead, placeholders that the row's later queries are masked from (each
+cache layer's ``visible``): joining and leaving carry those masks with the rows, and the
 pruner applies them at every step, so a row decodes what it decodes alone after its pruned prefill.
 
 Sliding-window layers keep a cropped cache that cannot be padded this way: such models decode
@@ -144,6 +145,8 @@ class Batch:
             return
         width = max(self.width, row.length)
         for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.expand()  # a pruned prompt held compacted: an entry per position from now on
+            theirs.expand()
             if mine.visible is not None or theirs.visible is not None:
                 mine.visible = torch.cat([_visible(mine.visible, self.width, width, mine.keys),
                                           _visible(theirs.visible, row.length, width, theirs.keys)])

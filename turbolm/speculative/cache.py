@@ -4,14 +4,16 @@ After the tree forward the cache holds the committed prefix followed by every tr
 node. The next step must see the prefix, the root and the accepted nodes only, in
 that order, so the accepted nodes' keys/values are moved up behind the root and the
 rest is dropped. Works on transformers' ``DynamicCache`` of full-attention layers (ours grow in place)
-(``cache.layers[i].keys / .values`` of shape (batch, kv_heads, seq, head_dim)).
+(``cache.layers[i].keys / .values`` of shape (batch, kv_heads, seq, head_dim)), and on layers whose
+pruned prompt holds fewer entries than positions (``core.kvcache.GrowingLayer.kept``): positions
+here are the sequence's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.kvcache import growing_cache
+from ..core.kvcache import GrowingLayer, entries, growing_cache
 
 
 def new_tree_cache():
@@ -36,11 +38,12 @@ def keep_only(cache, start: int, keep: list[int]) -> None:
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
-        idx = torch.tensor(keep, device=layer.keys.device) + start
-        layer.keys[:, :, start : start + m] = layer.keys[:, :, idx]
-        layer.values[:, :, start : start + m] = layer.values[:, :, idx]
-        layer.keys = layer.keys[:, :, : start + m]
-        layer.values = layer.values[:, :, : start + m]
+        first = entries(layer, start)
+        idx = torch.tensor(keep, device=layer.keys.device) + first
+        layer.keys[:, :, first : first + m] = layer.keys[:, :, idx]
+        layer.values[:, :, first : first + m] = layer.values[:, :, idx]
+        layer.keys = layer.keys[:, :, : first + m]
+        layer.values = layer.values[:, :, : first + m]
 
 
 def truncate(cache, length: int) -> None:
@@ -48,5 +51,8 @@ def truncate(cache, length: int) -> None:
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
+        if isinstance(layer, GrowingLayer):
+            layer.crop_to(length)
+        else:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
