@@ -342,11 +342,12 @@ class TokenPruner(ModelPatch):
         self._record_keys(idx, fw, cache, pos_sub)
         self._update_attention(idx, fw, cache, pos_sub, None, pos_sub, (cos_sub, sin_sub))
         if self.prefill_only and cache is not None:
-            self._leave_placeholders(idx, cache, keep_idx, n_past, T)
+            self._leave_skipped(idx, cache, keep_idx, n_past, T)
         return out
 
-    def _leave_placeholders(self, idx, cache, keep_idx, n_past, T):
-        """prefill_only: one sequence's cache layer holds the kept tokens' entries only, and says so
+    def _leave_skipped(self, idx, cache, keep_idx, n_past, T):
+        """prefill_only, what the tokens that skipped block ``idx`` leave in its cache: for one
+        sequence nothing - the layer holds the kept tokens' entries only, and says so
         (``GrowingLayer.compacted``: attention after it reads only real keys); otherwise the layer
         gets an entry per position - zeros where a token skipped the block, which every later
         query is masked from (:meth:`_dense_block`)."""
@@ -420,7 +421,7 @@ class TokenPruner(ModelPatch):
         if prompt is None and not compacted:
             return orig(hidden, *args, **kwargs)
         B, T, _ = hidden.shape
-        n_past = layer.get_seq_length() if compacted else layer.keys.shape[2]
+        n_past = layer.keys.shape[2] + getattr(layer, "dropped", 0)  # positions (a compacted layer holds fewer)
         mask = kwargs.get("attention_mask")
         if mask is not None and (mask.dim() != 4 or mask.shape[-1] != n_past + T):
             raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
