@@ -421,7 +421,7 @@ class TokenPruner(ModelPatch):
         if prompt is None and not compacted:
             return orig(hidden, *args, **kwargs)
         B, T, _ = hidden.shape
-        n_past = layer.keys.shape[2] + getattr(layer, "dropped", 0)  # positions (a compacted layer holds fewer)
+        n_past = layer.get_seq_length()  # positions (a compacted layer holds fewer entries)
         mask = kwargs.get("attention_mask")
         if mask is not None and (mask.dim() != 4 or mask.shape[-1] != n_past + T):
             raise TurboLMError(f"prefill_only token pruning got an attention mask of shape {tuple(mask.shape)} for "
