@@ -23,15 +23,14 @@ mkdir -p "$WORK"
 for s in $LEVELS; do
   pct=$(python3 -c "print(f'{round($s*100):02d}')")
   out="$WORK/ftp-s$pct"
-  if [[ " $HAND " == *" $s "* ]]; then
+  hand=0; [[ " $HAND " == *" $s "* ]] && hand=1
+  if [ "$hand" = 1 ]; then
     search=benchmarks/schedules/s$pct-layer0-dense.json
     finetune=0
-    record=schedule.json
     echo "== sparsity $s: the hand schedule $search"
   else
     search="$WORK/search-s$pct.json"
     finetune=${FINETUNE_GENERATIONS:-3}
-    record=search.json
     resume=(); [ -f "$search" ] && resume=(--resume)
     echo "== sparsity $s: schedule search ($(date +%T))"
     "$TURBOLM" prune search --sparsity "$s" --out "$search" --population "$POPULATION" \
@@ -45,8 +44,8 @@ for s in $LEVELS; do
     dest=turbolm/checkpoints/ftp-smollm2-135m-s$pct
     mkdir -p "$dest"
     cp "$out/config.json" "$out/router.safetensors" "$dest/"
-    rm -f "$dest/search.json" "$dest/schedule.json"
-    cp "$search" "$dest/$record"
+    rm -f "$dest/search.json"  # a hand level has no search; its config.json holds the schedule and names the file
+    [ "$hand" = 1 ] || cp "$search" "$dest/search.json"
     cp "$out/train/train_log.jsonl" "$dest/train_log.jsonl"
   fi
   echo "== sparsity $s: done ($(date +%T))"
